@@ -1,0 +1,115 @@
+"""`bertdistill <step> [--flags]`: the only entry point a container runs.
+
+Each subcommand maps its flags onto the step's params dataclass and calls the step's
+run(). A StepError (bad input or environment) becomes one `error:` line and exit code 2;
+anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from bertdistill import __version__
+from bertdistill.errors import StepError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fetch_dump(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wiki", required=True, help="wiki database name, e.g. enwiki")
+    p.add_argument("--date", default="latest", help="dump date YYYYMMDD, or 'latest' (newest finished dump)")
+    p.add_argument("--output", required=True,
+                   help="dumps root URI; files land in <output>/<wiki>/<date>/")
+    p.add_argument("--mirror", default="https://dumps.wikimedia.org",
+                   help="dump server base URL, local folder or file:// URL laid out like dumps.wikimedia.org")
+    p.add_argument("--max-files", type=_positive, default=None,
+                   help="fetch only the first N pages-articles files (default: all)")
+
+
+def _extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="dump file URI (.xml, .xml.bz2)")
+    p.add_argument("--output", required=True, help="articles folder URI (part-NNNNN.jsonl.gz)")
+    p.add_argument("--processes", type=int, default=0, help="WikiExtractor processes (0: one per core)")
+
+
+def _build_corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="articles folder URI (output of extract)")
+    p.add_argument("--output", required=True, help="text folder URI; writes train/ and heldout/ shards")
+    p.add_argument("--train-shards", type=_positive, default=8, help="number of train shards")
+    p.add_argument("--heldout-shards", type=int, default=1, help="number of held-out shards (0 allowed)")
+    p.add_argument("--language", default="en", help="language code for the sentence splitter")
+
+
+def _make_examples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="text shard URI (one sentence per line, blank line between docs)")
+    p.add_argument("--output", required=True, help="TFRecord URI to write")
+    p.add_argument("--vocab-file", required=True, help="WordPiece vocab.txt URI")
+    p.add_argument("--max-seq-length", type=int, default=128, help="maximum sequence length (L)")
+    p.add_argument("--max-predictions-per-seq", type=int, default=20, help="maximum masked positions (P)")
+    p.add_argument("--masked-lm-prob", type=float, default=0.15, help="share of tokens to mask")
+    p.add_argument("--dupe-factor", type=int, default=10, help="passes over the input with different masks")
+    p.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
+    p.add_argument("--random-seed", type=int, default=12345, help="seed; the output depends only on it and the input")
+    p.add_argument("--do-whole-word-mask", action="store_true", help="mask whole words, not single pieces")
+    p.add_argument("--no-lower-case", dest="do_lower_case", action="store_false",
+                   help="keep case (for cased vocabs)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+
+
+# name -> (module under bertdistill.steps, params class, flag definer, help)
+STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "fetch-dump": ("fetch_dump", "FetchDumpParams", _fetch_dump,
+                   "download a dump's pages-articles files, resumable, sha1-verified"),
+    "extract": ("extract", "ExtractParams", _extract, "dump file -> articles JSONL.gz (WikiExtractor)"),
+    "build-corpus": ("build_corpus", "BuildCorpusParams", _build_corpus,
+                     "articles -> sentence-per-line train/held-out text shards"),
+    "make-examples": ("make_examples", "MakeExamplesParams", _make_examples,
+                      "text shard -> masked-LM + next-sentence TFRecords"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bertdistill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bertdistill {__version__}")
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, (_, _, define, help_text) in STEPS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        define(p)
+        p.add_argument("--force", action="store_true", help="rerun even if the output's manifest says it is done")
+        p.add_argument("--s3-endpoint-url", default=None,
+                       help="S3-compatible endpoint (else BERTDISTILL_S3_ENDPOINT_URL or the AWS config)")
+        p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.s3_endpoint_url:
+        os.environ["BERTDISTILL_S3_ENDPOINT_URL"] = args.s3_endpoint_url
+    module_name, params_name, _, _ = STEPS[args.step]
+    module = importlib.import_module(f"bertdistill.steps.{module_name}")
+    params_cls = getattr(module, params_name)
+    fields = params_cls.__dataclass_fields__
+    params = params_cls(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        module.run(params)
+    except StepError as exc:
+        print(f"error: {args.step}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""fetch-dump: copy one Wikipedia dump's pages-articles files into the store, verified.
+
+The dump server is the source of truth twice over: `dumpstatus.json` says which files make
+up the finished articles dump (and which date is the newest finished one), and the dump's
+own `<wiki>-<date>-sha1sums.txt` says what each file must hash to. Downloads resume with
+HTTP Range requests from a `.part` file kept in scratch space, so a killed task continues
+where it stopped instead of starting a multi-GB file again.
+
+A mirror is any tree laid out like dumps.wikimedia.org: an http(s) URL, a local path or a
+file:// URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from bertdistill.errors import StepError
+from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.progress import Progress
+from bertdistill.store import open_folder, scratch_dir
+
+DEFAULT_MIRROR = "https://dumps.wikimedia.org"
+USER_AGENT = "bertdistill-fetch-dump/0.1 (+https://github.com/bertdistill)"
+WIKI_NAME = re.compile(r"^[a-z][a-z0-9_]*wiki[a-z]*$")
+DATE = re.compile(r"^\d{8}$")
+ATTEMPTS = 4
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchDumpParams:
+    wiki: str
+    date: str
+    output: str
+    mirror: str = DEFAULT_MIRROR
+    max_files: int | None = None
+    force: bool = False
+
+
+class Mirror:
+    """Reads a dump mirror over HTTP(S) or from a local folder, with byte-range resume."""
+
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+        parsed = urlparse(self.base)
+        self.local = None if parsed.scheme in ("http", "https") else Path(parsed.path if parsed.scheme else base)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def read(self, *parts: str) -> bytes:
+        stream, _ = self.open(*parts)
+        try:
+            return stream.read()
+        finally:
+            stream.close()
+
+    def open(self, *parts: str, offset: int = 0) -> tuple[BinaryIO, int]:
+        """Open for reading from `offset`; returns the stream and the offset it really starts at
+        (0 when an HTTP server ignores the Range header)."""
+        if self.local is not None:
+            path = self.local.joinpath(*parts)
+            if not path.is_file():
+                raise FileNotFoundError(str(path))
+            f = open(path, "rb")
+            f.seek(offset)
+            return f, offset
+        headers = {"User-Agent": USER_AGENT}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        request = urllib.request.Request(self.url(*parts), headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=60)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise FileNotFoundError(self.url(*parts)) from None
+            if exc.code == 416:  # nothing past `offset`: the partial file is already whole
+                return io.BytesIO(b""), offset
+            raise
+        return response, (offset if response.status == 206 else 0)
+
+    def list_dates(self, wiki: str) -> list[str]:
+        if self.local is not None:
+            folder = self.local / wiki
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        else:
+            page = self.read(wiki + "/").decode("utf-8", "replace")
+            names = re.findall(r'href="(\d{8})/?"', page)
+        return sorted({n for n in names if DATE.match(n)}, reverse=True)
+
+
+def resolve_date(mirror: Mirror, wiki: str, date: str) -> tuple[str, dict]:
+    """The dump date to fetch and its dumpstatus.json; 'latest' is the newest finished one."""
+    candidates = [date] if date != "latest" else mirror.list_dates(wiki)[:6]
+    if not candidates:
+        raise StepError(f"no dump dates listed for {wiki!r} at {mirror.url(wiki)}/: check --wiki and --mirror")
+    for candidate in candidates:
+        try:
+            status = json.loads(mirror.read(wiki, candidate, "dumpstatus.json"))
+        except FileNotFoundError:
+            if date != "latest":
+                raise StepError(f"no dump {wiki}/{candidate} at {mirror.base} (dumpstatus.json not found): "
+                                "check --wiki, --date and --mirror") from None
+            continue
+        except ValueError as exc:
+            raise StepError(f"{mirror.url(wiki, candidate, 'dumpstatus.json')} is not valid JSON: {exc}") from None
+        job = status.get("jobs", {}).get("articlesdump", {})
+        if job.get("status") == "done" and job.get("files"):
+            return candidate, status
+        if date != "latest":
+            raise StepError(f"dump {wiki}/{candidate} is not finished (articlesdump status "
+                            f"{job.get('status')!r}); pick another --date or use latest")
+    raise StepError(f"none of the newest dumps of {wiki} ({', '.join(candidates)}) has a finished "
+                    "articles dump yet; try again later or name an older --date")
+
+
+def _file_order(name: str) -> tuple[int, str]:
+    match = re.search(r"pages-articles(\d*)\.xml", name)
+    return (int(match.group(1) or 0) if match else 0, name)
+
+
+def parse_sha1sums(text: str) -> dict[str, str]:
+    sums = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{40}", parts[0]):
+            sums[parts[1].lstrip("*")] = parts[0]
+    return sums
+
+
+def run(params: FetchDumpParams) -> Manifest:
+    if not WIKI_NAME.match(params.wiki):
+        raise StepError(f"--wiki {params.wiki!r} is not a wiki database name such as enwiki or dewiki")
+    if params.date != "latest" and not DATE.match(params.date):
+        raise StepError(f"--date {params.date!r} must be 'latest' or YYYYMMDD")
+    if params.max_files is not None and params.max_files < 1:
+        raise StepError(f"--max-files must be at least 1, got {params.max_files}")
+    mirror = Mirror(params.mirror)
+    date, status = resolve_date(mirror, params.wiki, params.date)
+    files = sorted(status["jobs"]["articlesdump"]["files"], key=_file_order)[: params.max_files]
+    sums_name = f"{params.wiki}-{date}-sha1sums.txt"
+    try:
+        sums = parse_sha1sums(mirror.read(params.wiki, date, sums_name).decode())
+    except FileNotFoundError:
+        raise StepError(f"{mirror.url(params.wiki, date, sums_name)} not found: cannot verify the dump") from None
+    missing = [f for f in files if f not in sums]
+    if missing:
+        raise StepError(f"{sums_name} lists no sha1 for {', '.join(missing)}: the mirror looks incomplete")
+    output = open_folder(params.output).join(params.wiki, date)
+    log.info("fetch-dump: %s %s, %d file(s) -> %s", params.wiki, date, len(files), output.uri)
+
+    def work(writer: OutputWriter) -> dict:
+        started, total = time.monotonic(), 0
+        for name in files:
+            _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer)
+            writer.note(name, sha1=sums[name])
+            total += writer.files[name]["bytes"]
+        seconds = time.monotonic() - started
+        print(f"fetch-dump: {params.wiki} {date}: {len(files)} file(s), {total / 1e6:.1f} MB verified "
+              f"in {seconds:.1f} s -> {output.uri}")
+        return {"wiki": params.wiki, "date": date, "files": len(files), "bytes": total, "folder": output.uri}
+
+    fingerprint = {k: v for k, v in asdict(params).items() if k in ("wiki", "max_files")}
+    fingerprint.update(date=date, sha1=[sums[f] for f in files])
+    return run_step("fetch-dump", fingerprint, {}, output, work, force=params.force)
+
+
+def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: str, dest_uri: str,
+                       writer: OutputWriter) -> None:
+    """Download to a resumable .part file, check its sha1, then commit it into the store."""
+    part = scratch_dir() / "partial" / (hashlib.sha1(dest_uri.encode()).hexdigest()[:16] + "-" + name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    expected_size = _expected_size(mirror, wiki, date, name)
+    for attempt in range(1, ATTEMPTS + 1):
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            _append_from(mirror, (wiki, date, name), part, have, expected_size)
+            break
+        except FileNotFoundError:
+            raise StepError(f"{mirror.url(wiki, date, name)} not found on the mirror") from None
+        except (OSError, urllib.error.URLError, _Interrupted) as exc:
+            if attempt == ATTEMPTS:
+                raise StepError(f"downloading {mirror.url(wiki, date, name)} failed {ATTEMPTS} times ({exc}); "
+                                f"{part.stat().st_size if part.exists() else 0:,} bytes are kept in {part}, "
+                                "rerun to resume") from None
+            log.warning("download of %s interrupted (%s); resuming (attempt %d/%d)", name, exc,
+                        attempt + 1, ATTEMPTS)
+            time.sleep(min(2 ** attempt, 30) * 0.25)
+    got_sha1 = _sha1(part)
+    if got_sha1 != sha1:
+        part.unlink(missing_ok=True)
+        raise StepError(f"{name}: sha1 {got_sha1} does not match {sha1} from the dump's sha1sums file; "
+                        "the download was discarded, rerun to fetch it again")
+    with writer.write(name) as pending:
+        shutil.move(part, pending.path)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _expected_size(mirror: Mirror, wiki: str, date: str, name: str) -> int | None:
+    status = json.loads(mirror.read(wiki, date, "dumpstatus.json"))
+    size = status["jobs"]["articlesdump"]["files"].get(name, {}).get("size")
+    return int(size) if size is not None else None
+
+
+def _append_from(mirror: Mirror, parts: tuple[str, ...], part: Path, have: int, expected: int | None) -> None:
+    if expected is not None and have >= expected:
+        return
+    stream, start = mirror.open(*parts, offset=have)
+    progress = Progress(log, f"downloading {parts[-1]}", expected)
+    with stream, open(part, "ab" if start == have and have else "wb") as out:
+        done = start
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            progress.update(done, " B")
+    if expected is not None and done != expected:
+        raise _Interrupted(f"connection closed after {done:,} of {expected:,} bytes")
+
+
+def _sha1(path: Path) -> str:
+    sha1 = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha1.update(chunk)
+    return sha1.hexdigest()

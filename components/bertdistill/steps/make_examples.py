@@ -1,0 +1,379 @@
+"""make-examples: a text shard -> TFRecords of masked-LM + next-sentence examples.
+
+Same examples, features and defaults as Google BERT's create_pretraining_data.py: segment
+pairs built from whole sentences up to max_seq_length - 3 tokens (a shorter target with
+probability short_seq_prob), a random next segment from another document half the time,
+15% of tokens masked (80% [MASK], 10% a random vocab entry, 10% unchanged), optionally
+whole words. Two things differ, both for memory and speed at Wikipedia scale:
+
+* Streaming. Google's script keeps every document and every instance in memory (tens of
+  GB on full Wikipedia). Here documents are read in chunks of at least CHUNK_CHARS
+  characters and MIN_DOCS documents; each chunk yields its examples for all dupe_factor
+  passes, shuffled within the chunk, and the random next segment comes from another
+  document of the same chunk. Memory stays flat whatever the input size.
+* Parallel and vectorised. Chunks go to a process per core; each tokenizes with the
+  Rust WordPiece, builds instances as integer ranges into one token array, then masks and
+  encodes whole batches with numpy. Every chunk seeds its own generators from
+  (random_seed, chunk index), so the output is byte-identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from bertdistill.errors import StepError
+from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.progress import Progress
+from bertdistill.records import PretrainingBatch, encode_pretraining
+from bertdistill.store import split_uri
+from bertdistill.tokenization import Vocab, wordpiece_tokenizer
+
+CHUNK_CHARS = 256 * 1024
+MIN_DOCS = 16
+BATCH = 4096
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MakeExamplesParams:
+    input: str
+    output: str
+    vocab_file: str
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    dupe_factor: int = 10
+    short_seq_prob: float = 0.1
+    random_seed: int = 12345
+    do_whole_word_mask: bool = False
+    do_lower_case: bool = True
+    workers: int = 0  # 0: one per available core; does not change the output
+    force: bool = False
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_seq_length < 5:
+            problems.append(f"--max-seq-length {self.max_seq_length} leaves no room for [CLS] A [SEP] B [SEP]")
+        if self.max_predictions_per_seq < 1:
+            problems.append("--max-predictions-per-seq must be at least 1")
+        if self.max_predictions_per_seq > self.max_seq_length:
+            problems.append(f"--max-predictions-per-seq {self.max_predictions_per_seq} is larger than "
+                            f"--max-seq-length {self.max_seq_length}: a sequence cannot have more masked "
+                            "positions than tokens")
+        if not 0 < self.masked_lm_prob <= 1:
+            problems.append(f"--masked-lm-prob must be in (0, 1], got {self.masked_lm_prob}")
+        if not 0 <= self.short_seq_prob <= 1:
+            problems.append(f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}")
+        if self.dupe_factor < 1:
+            problems.append(f"--dupe-factor must be at least 1, got {self.dupe_factor}")
+        if problems:
+            raise StepError("; ".join(problems))
+
+
+@dataclass
+class _Context:
+    """What every worker needs; built once per process."""
+
+    L: int
+    P: int
+    masked_lm_prob: float
+    short_seq_prob: float
+    dupe_factor: int
+    random_seed: int
+    whole_word: bool
+    vocab_tokens: list[str]
+    lowercase: bool
+    special: tuple[int, int, int]  # cls, sep, mask
+
+    def setup(self) -> None:
+        self.tokenizer = wordpiece_tokenizer(_VocabView(self.vocab_tokens), self.lowercase)
+        self.continuation = np.array([t.startswith("##") for t in self.vocab_tokens])
+
+
+class _VocabView:
+    def __init__(self, tokens: list[str]):
+        self.tokens = tokens
+
+
+def run(params: MakeExamplesParams) -> Manifest:
+    params.validate()
+    text_folder, text_name = split_uri(params.input)
+    vocab_folder, vocab_name = split_uri(params.vocab_file)
+    out_folder, out_name = split_uri(params.output)
+    fingerprint = {k: v for k, v in asdict(params).items() if k not in ("input", "output", "vocab_file",
+                                                                          "workers", "force")}
+    fingerprint["schema"] = 1
+
+    def work(writer: OutputWriter) -> dict:
+        with vocab_folder.local_copy(vocab_name) as vocab_path:
+            vocab = Vocab(vocab_path, params.vocab_file)
+        with text_folder.local_copy(text_name) as text_path, writer.write(out_name) as pending:
+            summary = _produce(text_path, params, vocab, pending.path)
+        writer.note(out_name, records=summary["examples"])
+        summary["vocab_sha256"] = vocab.sha256
+        print(f"make-examples: {summary['examples']:,} examples from {summary['documents']:,} documents "
+              f"({summary['input_bytes'] / 1e6:.1f} MB, dupe_factor {params.dupe_factor}) in "
+              f"{summary['seconds']:.2f} s, {summary['examples'] / max(summary['seconds'], 1e-9):,.0f} "
+              f"examples/s -> {params.output}")
+        return summary
+
+    return run_step("make-examples", fingerprint, {"text": params.input, "vocab": params.vocab_file},
+                    out_folder, work, output_file=out_name, force=params.force)
+
+
+def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path: Path) -> dict:
+    ctx = _Context(params.max_seq_length, params.max_predictions_per_seq, params.masked_lm_prob,
+                   params.short_seq_prob, params.dupe_factor, params.random_seed, params.do_whole_word_mask,
+                   vocab.tokens, params.do_lower_case, (vocab.cls_id, vocab.sep_id, vocab.mask_id))
+    size = text_path.stat().st_size
+    workers = params.workers or len(os.sched_getaffinity(0))
+    progress = Progress(log, "make-examples", size)
+    totals = {"examples": 0, "documents": 0, "chunks": 0, "input_bytes": size}
+    # The Rust tokenizer must not start its own thread pool before we fork workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with open(out_path, "wb") as out:
+        def write(result: tuple[bytes, int, int, int]) -> None:
+            data, examples, documents, consumed = result
+            out.write(data)
+            totals["examples"] += examples
+            totals["documents"] += documents
+            totals["chunks"] += 1
+            progress.update(consumed, " B")
+
+        chunks = _read_chunks(text_path, params.input)
+        if workers == 1:
+            _init_worker(ctx)
+            for index, docs, consumed in chunks:
+                write((*_build_chunk(index, docs), consumed))
+        else:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                     initializer=_init_worker, initargs=(ctx,)) as pool:
+                pending: deque = deque()
+                for index, docs, consumed in chunks:
+                    pending.append((pool.submit(_build_chunk, index, docs), consumed))
+                    if len(pending) > 2 * workers:  # bounded: memory stays flat on any input
+                        future, done_bytes = pending.popleft()
+                        write((*future.result(), done_bytes))
+                while pending:
+                    future, done_bytes = pending.popleft()
+                    write((*future.result(), done_bytes))
+    totals["seconds"] = round(progress.elapsed, 3)
+    if totals["examples"] == 0:
+        log.warning("make-examples: %s produced no examples (no documents with text)", params.input)
+    return totals
+
+
+def _read_chunks(path: Path, uri: str):
+    """Yield (chunk index, documents as lists of sentences, characters read so far)."""
+    docs: list[list[str]] = []
+    doc: list[str] = []
+    chars = read = index = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                read += len(line)
+                line = line.strip()
+                if line:
+                    doc.append(line)
+                    chars += len(line)
+                    continue
+                if doc:
+                    docs.append(doc)
+                    doc = []
+                    if chars >= CHUNK_CHARS and len(docs) >= MIN_DOCS:
+                        yield index, docs, read
+                        index += 1
+                        docs, chars = [], 0
+    except UnicodeDecodeError as exc:
+        raise StepError(f"{uri}: not UTF-8 text ({exc}); make-examples reads build-corpus output") from None
+    if doc:
+        docs.append(doc)
+    if docs:
+        yield index, docs, read
+
+
+_CTX: _Context | None = None
+
+
+def _init_worker(ctx: _Context) -> None:
+    global _CTX
+    ctx.setup()
+    _CTX = ctx
+
+
+def _build_chunk(index: int, docs: list[list[str]]) -> tuple[bytes, int, int]:
+    """All examples of one chunk, framed: (records, example count, document count)."""
+    ctx = _CTX
+    sentences = list(chain.from_iterable(docs))
+    encodings = ctx.tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
+    lengths = [len(e.ids) for e in encodings]
+    flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=sum(lengths))
+    doc_starts, doc_lens = [], []
+    offset = k = 0
+    for doc in docs:
+        starts, lens = [], []
+        for _ in doc:
+            n = lengths[k]
+            if n:  # a sentence of only control characters tokenizes to nothing
+                starts.append(offset)
+                lens.append(n)
+            offset += n
+            k += 1
+        if lens:
+            doc_starts.append(starts)
+            doc_lens.append(lens)
+
+    pyrng = random.Random(f"{ctx.random_seed}:{index}")
+    rng = np.random.default_rng([ctx.random_seed, index])
+    instances: list[tuple[int, int, int, int, int]] = []
+    for _ in range(ctx.dupe_factor):
+        for d in range(len(doc_lens)):
+            _document_instances(d, doc_starts, doc_lens, ctx.L - 3, ctx.short_seq_prob, pyrng, instances)
+    if not instances:
+        return b"", 0, len(doc_lens)
+    table = np.array(instances, dtype=np.int64)[rng.permutation(len(instances))]
+    data = b"".join(encode_pretraining(_mask_batch(table[i : i + BATCH], flat, ctx, rng, pyrng))
+                    for i in range(0, len(table), BATCH))
+    return data, len(table), len(doc_lens)
+
+
+def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list[int]], max_tokens: int,
+                        short_seq_prob: float, rng: random.Random, out: list) -> None:
+    """Google's create_instances_from_document, on token ranges instead of token lists:
+    each instance is (A start, A length, B start, B length, is_random_next) into the flat
+    token array, since A and B are always runs of consecutive sentences."""
+    starts, lens = doc_starts[d], doc_lens[d]
+    n = len(lens)
+    target = max_tokens
+    if rng.random() < short_seq_prob:
+        target = rng.randint(2, max_tokens)
+    first = length = i = 0
+    while i < n:
+        length += lens[i]
+        if i == n - 1 or length >= target:
+            m = i - first + 1
+            a_end = 1 if m < 2 else rng.randint(1, m - 1)
+            a_start = starts[first]
+            la = starts[first + a_end - 1] + lens[first + a_end - 1] - a_start
+            if m == 1 or rng.random() < 0.5:
+                is_random = 1
+                other = d
+                for _ in range(10):
+                    other = rng.randint(0, len(doc_lens) - 1)
+                    if other != d:
+                        break
+                ostarts, olens = doc_starts[other], doc_lens[other]
+                j = rng.randint(0, len(olens) - 1)
+                b_start, lb, target_b = ostarts[j], 0, target - la
+                while j < len(olens):
+                    lb += olens[j]
+                    j += 1
+                    if lb >= target_b:
+                        break
+                i -= m - a_end  # the unused sentences start the next instance
+            else:
+                is_random = 0
+                b_start = a_start + la
+                lb = starts[i] + lens[i] - b_start
+            while la + lb > max_tokens:  # Google's truncate_seq_pair: trim the longer side
+                if la > lb:
+                    la -= 1
+                    if rng.random() < 0.5:
+                        a_start += 1
+                else:
+                    lb -= 1
+                    if rng.random() < 0.5:
+                        b_start += 1
+            if la >= 1 and lb >= 1:
+                out.append((a_start, la, b_start, lb, is_random))
+            first, length = i + 1, 0
+        i += 1
+
+
+def _mask_batch(table: np.ndarray, flat: np.ndarray, ctx: _Context, rng: np.random.Generator,
+                pyrng: random.Random) -> PretrainingBatch:
+    """[CLS] A [SEP] B [SEP] rows, padded, with masked-LM predictions, for a batch of instances."""
+    cls_id, sep_id, mask_id = ctx.special
+    L, P = ctx.L, ctx.P
+    a_start, la, b_start, lb, is_random = (table[:, c] for c in range(5))
+    n = len(table)
+    rows = np.arange(n)
+    j = np.arange(L)[None, :]
+    la_, lb_ = la[:, None], lb[:, None]
+    in_a = (j >= 1) & (j <= la_)
+    in_b = (j >= la_ + 2) & (j < la_ + 2 + lb_)
+    candidate = in_a | in_b
+    source = np.where(in_a, a_start[:, None] + j - 1, b_start[:, None] + j - la_ - 2)
+    ids = np.where(candidate, flat[np.clip(source, 0, len(flat) - 1)], 0).astype(np.int64)
+    ids[:, 0] = cls_id
+    ids[rows, la + 1] = sep_id
+    ids[rows, la + lb + 2] = sep_id
+    n_tokens = la + lb + 3
+    input_mask = j < n_tokens[:, None]
+    segment_ids = (j >= la_ + 2) & input_mask
+    to_predict = np.minimum(P, np.maximum(1, np.round(n_tokens * ctx.masked_lm_prob).astype(np.int64)))
+
+    if ctx.whole_word:
+        positions = _whole_word_positions(ids, candidate, to_predict, ctx, pyrng)
+    else:
+        keys = rng.random((n, L), dtype=np.float32)
+        keys[~candidate] = 2.0
+        order = np.argsort(keys, axis=1)[:, :P]
+        picked = (np.arange(P)[None, :] < to_predict[:, None]) & (np.take_along_axis(keys, order, 1) < 2.0)
+        positions = np.where(picked, order, L)
+    positions.sort(axis=1)
+    valid = positions < L
+    positions = np.where(valid, positions, 0)
+    original = np.take_along_axis(ids, positions, 1)
+    draw = rng.random((n, P))
+    keep = rng.random((n, P)) < 0.5
+    random_ids = rng.integers(0, len(ctx.vocab_tokens), (n, P))
+    replacement = np.where(draw < 0.8, mask_id, np.where(keep, original, random_ids))
+    r, c = np.nonzero(valid)
+    ids[r, positions[r, c]] = replacement[r, c]
+    return PretrainingBatch(
+        input_ids=ids,
+        input_mask=input_mask,
+        segment_ids=segment_ids,
+        masked_lm_positions=positions,
+        masked_lm_ids=np.where(valid, original, 0),
+        masked_lm_weights=valid.astype(np.float32),
+        next_sentence_labels=is_random,
+    )
+
+
+def _whole_word_positions(ids: np.ndarray, candidate: np.ndarray, to_predict: np.ndarray, ctx: _Context,
+                          rng: random.Random) -> np.ndarray:
+    """Google's whole-word masking: shuffle words, take whole words while they fit."""
+    L, P = ctx.L, ctx.P
+    positions = np.full((len(ids), P), L, dtype=np.int64)
+    continuation = ctx.continuation[ids] & candidate
+    for r in range(len(ids)):
+        words: list[list[int]] = []
+        for p in np.flatnonzero(candidate[r]).tolist():
+            if continuation[r, p] and words and words[-1][-1] == p - 1:
+                words[-1].append(p)
+            else:
+                words.append([p])
+        rng.shuffle(words)
+        chosen: list[int] = []
+        limit = int(to_predict[r])
+        for word in words:
+            if len(chosen) >= limit:
+                break
+            if len(chosen) + len(word) > limit:
+                continue
+            chosen.extend(word)
+        positions[r, : len(chosen)] = chosen
+    return positions

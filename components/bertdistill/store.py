@@ -1,0 +1,403 @@
+"""One folder type over local paths, file:// and s3:// URIs.
+
+Every step reads and writes through a `Folder`, so the same code runs against a laptop's
+./data and a bucket. Two guarantees matter more than the API's breadth:
+
+* No reader ever sees a partial file under its final name. Locally a write goes to a
+  hidden temporary name in the same directory and is renamed into place; on S3 an object
+  only becomes visible once its upload has completed, so the upload goes straight to the
+  final key from a local scratch file.
+* Content hashes are cheap to ask for: uploads carry their sha256 in the object metadata,
+  and a folder's `_MANIFEST.json` lists the sha256 of what it holds.
+
+TensorFlow and WikiExtractor only read local files, which is why `local_copy` and
+`local_write` hand out real paths on every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from bertdistill.errors import StepError
+
+TEMP_MARK = ".tmp-"
+HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scratch_dir() -> Path:
+    """Where staged copies of remote objects live; a pod mounts an emptyDir here."""
+    root = Path(os.environ.get("BERTDISTILL_SCRATCH") or Path(tempfile.gettempdir()) / "bertdistill")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class PendingFile:
+    """A file being written: fill `path`; after the block, `sha256` and `size` describe it."""
+
+    path: Path
+    sha256: str = ""
+    size: int = 0
+
+
+class Folder(ABC):
+    """A folder of named files (names may contain '/'), rooted at a URI."""
+
+    uri: str
+
+    # -- what each backend provides --------------------------------------------------
+    @abstractmethod
+    def join(self, *parts: str) -> Folder: ...
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, name: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Names below this folder (recursive), sorted, temporaries excluded."""
+
+    @abstractmethod
+    def open_read(self, name: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def _stored_sha256(self, name: str) -> str | None:
+        """A sha256 the backend already knows without reading the content."""
+
+    @abstractmethod
+    def _commit(self, temp: Path, name: str, sha256: str) -> None:
+        """Make the finished local file `temp` visible under `name`, atomically."""
+
+    @abstractmethod
+    def _temp_path(self, name: str) -> Path: ...
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        """A local path holding the file's content, for code that needs a real file."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Fail now, with a clear message, if this folder cannot be reached."""
+
+    @abstractmethod
+    def remove_stale_temps(self, only: str | None = None) -> None: ...
+
+    # -- shared behaviour ------------------------------------------------------------
+    def child_uri(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    @contextlib.contextmanager
+    def local_write(self, name: str) -> Iterator[PendingFile]:
+        """Yield a temporary local file; on a clean exit its content appears under `name`.
+
+        On an exception nothing appears and the temporary is removed. The sha256 is taken
+        here so no caller has to read an output back.
+        """
+        pending = PendingFile(self._temp_path(name))
+        pending.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield pending
+            if not pending.path.exists():
+                raise RuntimeError(f"local_write({name!r}): the block wrote nothing to {pending.path}")
+            pending.sha256 = sha256_file(pending.path)
+            pending.size = pending.path.stat().st_size
+            self._commit(pending.path, name, pending.sha256)
+        finally:
+            pending.path.unlink(missing_ok=True)
+
+    def write_bytes(self, name: str, data: bytes) -> PendingFile:
+        with self.local_write(name) as pending:
+            pending.path.write_bytes(data)
+        return pending
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open_read(name) as f:
+            return f.read()
+
+    def sha256(self, name: str) -> str:
+        known = self._stored_sha256(name)
+        if known:
+            return known
+        digest = hashlib.sha256()
+        with self.open_read(name) as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+class LocalFolder(Folder):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+        self.uri = str(self.path)
+
+    def join(self, *parts: str) -> LocalFolder:
+        return LocalFolder(self.path.joinpath(*parts))
+
+    def _p(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return self._p(name).is_file()
+
+    def size(self, name: str) -> int:
+        return self._p(name).stat().st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.path.is_dir():
+            return []
+        names = []
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                if TEMP_MARK in f:
+                    continue
+                rel = os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    names.append(rel)
+        return sorted(names)
+
+    def open_read(self, name: str) -> BinaryIO:
+        try:
+            return open(self._p(name), "rb")
+        except FileNotFoundError:
+            raise StepError(f"{self.child_uri(name)} does not exist: check the path") from None
+
+    def delete(self, name: str) -> None:
+        self._p(name).unlink(missing_ok=True)
+
+    def _stored_sha256(self, name: str) -> str | None:
+        return None
+
+    def _temp_path(self, name: str) -> Path:
+        final = self._p(name)
+        return final.with_name(f".{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+
+    def _commit(self, temp: Path, name: str, sha256: str) -> None:
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, self._p(name))
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        if not self.exists(name):
+            raise StepError(f"{self.child_uri(name)} does not exist: check the path")
+        yield self._p(name)
+
+    def check(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StepError(f"{self.uri} is a file, but a folder is needed here")
+
+    def remove_stale_temps(self, only: str | None = None) -> None:
+        """Temporaries left by a killed process; nothing reads them, so they are just litter.
+
+        With `only`, just that file's temporaries: other tasks may be writing other shards
+        of the same folder right now.
+        """
+        if only is not None:
+            final = self._p(only)
+            for stale in final.parent.glob(f".{final.name}{TEMP_MARK}*"):
+                stale.unlink(missing_ok=True)
+        elif self.path.is_dir():
+            for root, _, files in os.walk(self.path):
+                for f in files:
+                    if TEMP_MARK in f:
+                        Path(root, f).unlink(missing_ok=True)
+
+
+class S3Folder(Folder):
+    def __init__(self, bucket: str, prefix: str, client=None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def join(self, *parts: str) -> S3Folder:
+        prefix = "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+        return S3Folder(self.bucket, prefix, self._client)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # botocore's exceptions, translated for humans
+            raise _explain_s3_error(exc, what, self.bucket) from exc
+
+    def _head(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+        except Exception as exc:
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+
+    def exists(self, name: str) -> bool:
+        return self._head(name) is not None
+
+    def size(self, name: str) -> int:
+        head = self._head(name)
+        if head is None:
+            raise StepError(f"{self.child_uri(name)} does not exist: check the URI")
+        return int(head["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        names = []
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=base + prefix)
+        for page in self._call(f"listing {self.uri}", list, pages):
+            for obj in page.get("Contents", []):
+                names.append(obj["Key"][len(base) :])
+        return sorted(names)
+
+    def open_read(self, name: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise StepError(f"{self.child_uri(name)} does not exist: check the URI") from None
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+        except Exception as exc:
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+
+    def delete(self, name: str) -> None:
+        self._call(f"deleting {self.child_uri(name)}", self.client.delete_object,
+                   Bucket=self.bucket, Key=self._key(name))
+
+    def _stored_sha256(self, name: str) -> str | None:
+        head = self._head(name)
+        return (head or {}).get("Metadata", {}).get("sha256")
+
+    def _temp_path(self, name: str) -> Path:
+        return scratch_dir() / "uploads" / f"{uuid.uuid4().hex}{TEMP_MARK}{Path(name).name}"
+
+    def _commit(self, temp: Path, name: str, sha256: str) -> None:
+        self._call(f"writing {self.child_uri(name)}", self.client.upload_file, str(temp), self.bucket,
+                   self._key(name), ExtraArgs={"Metadata": {"sha256": sha256}})
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        staged = scratch_dir() / "downloads" / f"{uuid.uuid4().hex}-{Path(name).name}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if not self.exists(name):
+            raise StepError(f"{self.child_uri(name)} does not exist: check the URI")
+        try:
+            self._call(f"reading {self.child_uri(name)}", self.client.download_file, self.bucket,
+                       self._key(name), str(staged))
+            yield staged
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        self._call(f"opening {self.uri}", self.client.head_bucket, Bucket=self.bucket)
+
+    def remove_stale_temps(self, only: str | None = None) -> None:
+        """Interrupted uploads never become objects, so there is nothing to clean on S3."""
+
+
+def s3_client():
+    """A boto3 S3 client configured from the standard AWS environment and config files.
+
+    BERTDISTILL_S3_ENDPOINT_URL (or boto3's own AWS_ENDPOINT_URL[_S3]) points it at an
+    S3-compatible server; those usually want path-style addressing. Timeouts are short so
+    an unreachable endpoint fails in seconds instead of minutes.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("BERTDISTILL_S3_ENDPOINT_URL") or None
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _explain_s3_error(exc: Exception, what: str, bucket: str) -> Exception:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, StepError):
+        return exc
+    if isinstance(exc, EndpointConnectionError):
+        return StepError(f"{what}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}); "
+                         "check BERTDISTILL_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the network")
+    if isinstance(exc, NoCredentialsError):
+        return StepError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY or an AWS profile")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return StepError(f"{what}: bucket {bucket!r} does not exist; create it or fix the URI")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            return StepError(f"{what}: the S3 server rejected the credentials ({code}); check "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+        return StepError(f"{what}: S3 error {code}: {exc}")
+    return exc
+
+
+def open_folder(target: str | os.PathLike | Folder) -> Folder:
+    """The one factory: a Folder, a local path, file:// or s3://bucket/prefix."""
+    if isinstance(target, Folder):
+        return target
+    text = os.fspath(target)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StepError(f"{text!r} names no bucket: write s3://BUCKET/PREFIX")
+        return S3Folder(parsed.netloc, parsed.path)
+    if parsed.scheme == "file":
+        return LocalFolder(parsed.path)
+    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalFolder(text)
+    raise StepError(f"{text!r}: unsupported store URI scheme {parsed.scheme!r}; use a path, file:// or s3://")
+
+
+def split_uri(uri: str) -> tuple[Folder, str]:
+    """A file URI as (its parent folder, its name)."""
+    text = os.fspath(uri).rstrip("/")
+    head, _, name = text.rpartition("/")
+    if not name:
+        raise StepError(f"{uri!r} does not name a file")
+    if not head:
+        head = "."
+    if text.startswith("s3://") and head.count("/") < 2:
+        head += "/"
+    return open_folder(head), name
