@@ -72,14 +72,20 @@ def input_fingerprint(uri: str) -> str:
     """A content hash for an input URI, as cheap as the store allows.
 
     A folder is identified by its manifest (which lists its files' hashes); a file by the
-    hash its folder's manifest recorded, else by reading it.
+    hash its folder's manifest recorded, else by reading it; a folder no step made by the
+    hashes of all its files.
     """
     folder = open_folder(uri)
     if folder.exists(FOLDER_MANIFEST):
         return "manifest:" + hashlib.sha256(folder.read_bytes(FOLDER_MANIFEST)).hexdigest()
     parent, name = split_uri(uri)
+    parent.check()  # a missing bucket or bad credentials, said as such
     if not parent.exists(name):
-        raise StepError(f"input {uri} does not exist: check the URI, or run the step that makes it")
+        names = folder.list()
+        if not names:
+            raise StepError(f"input {uri} does not exist: check the URI, or run the step that makes it")
+        listing = "\n".join(f"{n} {folder.sha256(n)}" for n in names)
+        return "files:" + hashlib.sha256(listing.encode()).hexdigest()
     size = parent.size(name)
     for candidate in (FOLDER_MANIFEST, manifest_name(name)):
         manifest = read_manifest(parent, candidate)

@@ -12,13 +12,17 @@ articles are dropped.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import html
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from bertdistill.progress import Progress
 from bertdistill.store import open_folder, split_uri
 
 ARTICLES_PER_PART = 50_000
+_LONE_TAG = re.compile(r"^\s*</?[A-Za-z][^<>]*>\s*$")  # <onlyinclude> and friends WikiExtractor leaves
 HEAD_BYTES = 1 << 16
 log = logging.getLogger(__name__)
 
@@ -87,8 +92,13 @@ def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
     command = [sys.executable, "-m", "wikiextractor.WikiExtractor", "--json", "--no-templates",
                "--processes", str(processes), "-q", "-o", "-", str(path)]
     log.info("extract: running WikiExtractor on %s with %d process(es)", params.input, processes)
+    # Its own process group: when WikiExtractor's reader thread dies (a truncated .bz2) the
+    # process never exits and its workers hold our pipe open, so a traceback on its stderr
+    # ends the whole group.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", errors="replace")
+                            encoding="utf-8", errors="replace", start_new_session=True)
+    stderr: list[str] = []
+    threading.Thread(target=_watch_stderr, args=(proc, stderr), daemon=True).start()
     counts = {"articles": 0, "empty": 0, "written": 0, "parts": 0, "chars": 0}
     progress = Progress(log, "extract", None)
     part: _PartWriter | None = None
@@ -108,16 +118,14 @@ def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
             counts["written"] += 1
             counts["chars"] += len(article["text"])
             progress.update(counts["articles"], " articles")
-        stderr = proc.stderr.read()
-        if proc.wait() != 0:
-            raise StepError(_explain_failure(params.input, stderr))
+        if proc.wait() != 0 or any(line.startswith("Traceback") for line in stderr):
+            raise StepError(_explain_failure(params.input, "".join(stderr)))
         if part is not None:
             part.close()
     finally:
         if part is not None:
             part.abort()
-        if proc.poll() is None:
-            proc.kill()
+        _kill_group(proc)
     if counts["written"] == 0:
         raise StepError(f"{params.input}: the dump holds no articles with text ({counts['articles']} "
                         "extracted, all empty): check that it is a pages-articles dump")
@@ -127,8 +135,23 @@ def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
     return counts
 
 
+def _watch_stderr(proc: subprocess.Popen, lines: list[str]) -> None:
+    crashed_at = None
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("Traceback") and crashed_at is None:
+            crashed_at = len(lines)
+            threading.Timer(1.0, _kill_group, args=(proc,)).start()  # let the traceback finish
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def clean_article(raw: dict) -> dict | None:
-    text = _unescape(raw.get("text", "")).strip()
+    text = _unescape(raw.get("text", ""))
+    text = "\n".join(line for line in text.split("\n") if not _LONE_TAG.match(line)).strip()
     if not text:
         return None
     return {"id": raw["id"], "title": _unescape(raw["title"]), "url": raw["url"], "text": text}

