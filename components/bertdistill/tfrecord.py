@@ -179,7 +179,7 @@ def _decode_feature(feature: bytes):
         values: list = []
         for _, wire, data in _fields(lst):
             if kind == FLOAT:
-                values.extend(np.frombuffer(data if wire == 2 else data, dtype="<f4").tolist())
+                values.extend(np.frombuffer(data, dtype="<f4").tolist())
             elif wire == 2:
                 pos = 0
                 while pos < len(data):

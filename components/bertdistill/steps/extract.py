@@ -15,6 +15,7 @@ import bz2
 import contextlib
 import gzip
 import html
+import io
 import json
 import logging
 import os
@@ -184,7 +185,10 @@ class _PartWriter:
     def __init__(self, writer: OutputWriter, name: str):
         self.count = 0
         self._cm = writer.write(name)
-        self._gz = gzip.open(self._cm.__enter__().path, "wt", encoding="utf-8", compresslevel=6)
+        # No file name and a zero mtime in the gzip header: the same dump gives the same bytes.
+        self._raw = open(self._cm.__enter__().path, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._gz = io.TextIOWrapper(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
+                                                  compresslevel=6), encoding="utf-8")
 
     def add(self, article: dict) -> None:
         self._gz.write(json.dumps(article, ensure_ascii=False) + "\n")
@@ -192,11 +196,13 @@ class _PartWriter:
 
     def close(self) -> None:
         self._gz.close()
+        self._raw.close()
         self._cm.__exit__(None, None, None)
         self._cm = None
 
     def abort(self) -> None:
         if self._cm is not None:
             self._gz.close()
+            self._raw.close()
             self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
             self._cm = None

@@ -74,7 +74,7 @@ class Mirror:
             path = self.local.joinpath(*parts)
             if not path.is_file():
                 raise FileNotFoundError(str(path))
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 (the caller closes the returned stream)
             f.seek(offset)
             return f, offset
         headers = {"User-Agent": USER_AGENT}
