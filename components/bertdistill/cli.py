@@ -66,6 +66,33 @@ def _make_examples(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
 
 
+def _fetch_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="https://storage.googleapis.com/bert_models/2018_10_18/uncased_L-12_H-768_A-12.zip",
+                   help="Google BERT zip (URL or path) or Hugging Face folder (config.json, model.safetensors, vocab.txt)")
+    p.add_argument("--output", required=True, help="teacher folder URI, e.g. data/teachers/bert-base-uncased")
+
+
+def _adapt_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher folder URI (from fetch-teacher)")
+    p.add_argument("--examples", required=True, help="examples folder URI with train/ and heldout/ shards")
+    p.add_argument("--output", required=True, help="adapted teacher folder URI")
+    p.add_argument("--freeze-encoder", action="store_true", help="fit the heads only; keep the encoder fixed")
+    p.add_argument("--steps", type=_positive, default=300, help="training steps")
+    p.add_argument("--batch-size", type=_positive, default=32, help="examples per step")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--eval-examples", type=_positive, default=2048, help="held-out examples to evaluate on")
+    p.add_argument("--seed", type=int, default=0, help="seed for head initialisation and shuffling")
+
+
+def _label_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher folder URI (with a masked-LM head)")
+    p.add_argument("--input", required=True, help="example shard URI (from make-examples)")
+    p.add_argument("--output", required=True, help="labelled shard URI to write")
+    p.add_argument("--top-k", type=_positive, default=10, help="probabilities kept per masked position")
+    p.add_argument("--batch-size", type=_positive, default=64, help="examples per inference batch")
+
+
 # name -> (module under bertdistill.steps, params class, flag definer, help)
 STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] = {
     "fetch-dump": ("fetch_dump", "FetchDumpParams", _fetch_dump,
@@ -75,6 +102,12 @@ STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]
                      "articles -> sentence-per-line train/held-out text shards"),
     "make-examples": ("make_examples", "MakeExamplesParams", _make_examples,
                       "text shard -> masked-LM + next-sentence TFRecords"),
+    "fetch-teacher": ("fetch_teacher", "FetchTeacherParams", _fetch_teacher,
+                      "Google BERT zip or Hugging Face folder -> verified teacher folder"),
+    "adapt-teacher": ("adapt_teacher", "AdaptTeacherParams", _adapt_teacher,
+                      "fit the masked-LM / next-sentence heads a sentence encoder lacks"),
+    "label-teacher": ("label_teacher", "LabelTeacherParams", _label_teacher,
+                      "example shard -> the same examples + the teacher's top-k and NSP outputs"),
 }
 
 

@@ -74,3 +74,77 @@ def encode_pretraining(batch: PretrainingBatch) -> bytes:
 def read_pretraining(f: BinaryIO, name: str = "<stream>") -> Iterator[dict[str, np.ndarray]]:
     for payload in read_records(f, name):
         yield decode_example(payload)
+
+
+# ---- labelled examples ------------------------------------------------------------------
+# The teacher's view of an example travels as one bytes feature, `teacher`, that the reader
+# expands into DESIGN.md's four fields. Only the example's real masked positions (n of P)
+# are stored:
+#   uint8 version, uint8 k, uint8 n, float16 nsp_logits[2], uint16 topk_mass[n] (x 65535),
+#   uint16 topk_ids[n*k], uint8 topk_logprob[n*k]   (-ln p in steps of 1/LOGPROB_STEPS nat)
+# The top-k mass (1 - rest) is kept to 1.5e-5 absolute, so both a small rest and a small
+# top-k mass survive; a quantized top-k probability is within 2.1% (relative) of the
+# teacher's, and the reader rescales the k probabilities of a position to that mass, so
+# they and the rest mass sum to 1.
+LABEL_FEATURE = b"teacher"
+LABEL_VERSION = 1
+LOGPROB_STEPS = 24.0
+
+
+def encode_labels(n_real: np.ndarray, topk_ids: np.ndarray, topk_probs: np.ndarray, rest: np.ndarray,
+                  nsp_logits: np.ndarray) -> list[bytes]:
+    """Per example, the `teacher` blob. Arrays are [N, P, k], [N, P, k], [N, P], [N, 2]."""
+    k = topk_ids.shape[2]
+    if topk_ids.max(initial=0) >= 1 << 16:
+        raise ValueError("label encoding stores ids as uint16: vocabularies up to 65,536 pieces")
+    q = np.clip(np.rint(-np.log(np.maximum(topk_probs, 1e-30)) * LOGPROB_STEPS), 0, 255).astype(np.uint8)
+    ids16 = topk_ids.astype("<u2")
+    mass16 = np.rint(np.clip(1.0 - rest, 0.0, 1.0) * 65535).astype("<u2")
+    nsp16 = nsp_logits.astype("<f2")
+    out = []
+    for r, n in enumerate(n_real.tolist()):
+        out.append(b"".join((bytes((LABEL_VERSION, k, n)), nsp16[r].tobytes(), mass16[r, :n].tobytes(),
+                             ids16[r, :n].tobytes(), q[r, :n].tobytes())))
+    return out
+
+
+def decode_labels(blob: bytes, max_predictions: int) -> dict[str, np.ndarray]:
+    """The `teacher` blob as teacher_topk_ids[P*k], teacher_topk_probs[P*k], teacher_rest_prob[P],
+    teacher_nsp_logits[2] (zeros at padding positions)."""
+    version, k, n = blob[0], blob[1], blob[2]
+    if version != LABEL_VERSION:
+        raise ValueError(f"unknown teacher label encoding version {version}")
+    P = max_predictions
+    at = 3
+    nsp = np.frombuffer(blob, "<f2", 2, at).astype(np.float32)
+    at += 4
+    rest = np.zeros(P, np.float32)
+    rest[:n] = 1.0 - np.frombuffer(blob, "<u2", n, at) / 65535.0
+    at += 2 * n
+    ids = np.zeros((P, k), np.int64)
+    ids[:n] = np.frombuffer(blob, "<u2", n * k, at).reshape(n, k)
+    at += 2 * n * k
+    probs = np.zeros((P, k), np.float32)
+    probs[:n] = np.exp(-np.frombuffer(blob, np.uint8, n * k, at).reshape(n, k) / LOGPROB_STEPS)
+    probs[:n] *= ((1.0 - rest[:n]) / probs[:n].sum(axis=1))[:, None]
+    return {"teacher_topk_ids": ids.reshape(-1), "teacher_topk_probs": probs.reshape(-1),
+            "teacher_rest_prob": rest, "teacher_nsp_logits": nsp}
+
+
+def append_bytes_feature(example: bytes, key: bytes, value: bytes) -> bytes:
+    """A serialized tf.train.Example with one more bytes feature, without re-encoding the rest."""
+    from bertdistill.tfrecord import bytes_entry, bytes_list_body, read_varint, varint
+
+    if example[0] != 0x0A:
+        raise ValueError("not a serialized tf.train.Example")
+    length, at = read_varint(example, 1)
+    body = example[at : at + length] + bytes_entry(key, bytes_list_body([value]))
+    return b"\x0a" + varint(len(body)) + body
+
+
+def read_labelled(f: BinaryIO, max_predictions: int, name: str = "<stream>") -> Iterator[dict[str, np.ndarray]]:
+    for payload in read_records(f, name):
+        example = decode_example(payload)
+        blob = example.pop(LABEL_FEATURE.decode())[0]
+        example.update(decode_labels(blob, max_predictions))
+        yield example

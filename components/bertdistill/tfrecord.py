@@ -111,12 +111,12 @@ INT64, FLOAT, BYTES = 3, 2, 1  # Feature oneof field numbers: int64_list, float_
 def encode_example(features: list[tuple[bytes, int, bytes]]) -> bytes:
     """tf.train.Example from (key, kind, payload); payload is packed varints for INT64,
     little-endian float32s for FLOAT, and for BYTES the already-encoded BytesList body."""
-    body = b"".join(_entry(key, kind, payload) if kind != BYTES else _bytes_entry(key, payload)
+    body = b"".join(_entry(key, kind, payload) if kind != BYTES else bytes_entry(key, payload)
                     for key, kind, payload in features)
     return b"\x0a" + varint(len(body)) + body
 
 
-def _bytes_entry(key: bytes, values_body: bytes) -> bytes:
+def bytes_entry(key: bytes, values_body: bytes) -> bytes:
     feature = b"\x0a" + varint(len(values_body)) + values_body
     body = b"\x0a" + varint(len(key)) + key + b"\x12" + varint(len(feature)) + feature
     return b"\x0a" + varint(len(body)) + body
@@ -127,7 +127,7 @@ def bytes_list_body(values: list[bytes]) -> bytes:
 
 
 # ---- decoding (tests, readers, tools) ---------------------------------------------------
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         b = buf[pos]
@@ -141,14 +141,14 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
     pos = 0
     while pos < len(buf):
-        tag, pos = _read_varint(buf, pos)
+        tag, pos = read_varint(buf, pos)
         field, wire = tag >> 3, tag & 7
         if wire == 2:
-            n, pos = _read_varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             yield field, wire, buf[pos : pos + n]
             pos += n
         elif wire == 0:
-            value, pos = _read_varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             yield field, wire, value
         elif wire == 5:
             yield field, wire, buf[pos : pos + 4]
@@ -183,7 +183,7 @@ def _decode_feature(feature: bytes):
             elif wire == 2:
                 pos = 0
                 while pos < len(data):
-                    v, pos = _read_varint(data, pos)
+                    v, pos = read_varint(data, pos)
                     values.append(v - (1 << 64) if v >= 1 << 63 else v)
             else:
                 values.append(data)

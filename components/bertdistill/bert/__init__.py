@@ -1,0 +1,1 @@
+"""BERT in TensorFlow 2: config, model, checkpoints. Imports TensorFlow; data steps never do."""

@@ -1,0 +1,144 @@
+"""The TF2 BERT against references no one here wrote: transformers' BertModel and Google's
+checkpoint format written by tf.compat.v1's own Saver."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from bertdistill.bert.checkpoints import load_teacher, read_hf_weights
+from bertdistill.bert.config import BertConfig
+from bertdistill.bert.model import Bert, variable_shapes
+from bertdistill.tokenization import Vocab, wordpiece_tokenizer
+from tests.conftest import error_lines, run_cli
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _batch(sentences: list[str], vocab: Vocab):
+    encoded = wordpiece_tokenizer(vocab).encode_batch(sentences, add_special_tokens=False)
+    L = max(len(e.ids) for e in encoded) + 2
+    ids = np.zeros((len(sentences), L), np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        row = [vocab.cls_id, *e.ids, vocab.sep_id]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask, np.zeros_like(ids)
+
+
+def test_minilm_matches_transformers_within_1e4(sample, all_text):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = sample / "minilm"
+    config = BertConfig.from_json_file(folder / "config.json")
+    model = Bert(config)
+    model.assign({k: v for k, v in read_hf_weights(folder / "model.safetensors").items()
+                  if k in model.weights})
+    sentences = [s for s in all_text.read_text(encoding="utf-8").splitlines() if len(s) > 40][:24]
+    ids, mask, seg = _batch(sentences, Vocab(folder / "vocab.txt"))
+    ours = model.encode(tf.constant(ids), tf.constant(mask), tf.constant(seg)).numpy()
+    reference = transformers.BertModel.from_pretrained(str(folder), local_files_only=True).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                           token_type_ids=torch.tensor(seg, dtype=torch.long)).last_hidden_state.numpy()
+    real = mask.astype(bool)
+    assert real.sum() > 500
+    assert np.abs(ours[real] - theirs[real]).max() < 1e-4
+
+
+TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 128, "type_vocab_size": 2,
+        "initializer_range": 0.02}
+
+
+def write_google_zip(path, sample, config: dict, shapes_from: dict | None = None, extra: dict | None = None,
+                     skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A Google-format zip: bert_config.json, bert_model.ckpt.* written by tf.compat.v1 Saver, vocab.txt."""
+    rng = np.random.default_rng(0)
+    shapes = variable_shapes(BertConfig.from_dict(shapes_from or config))
+    values = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items() if n not in skip}
+    values.update(extra or {})
+    ckpt_dir = path.parent / (path.stem + "_ckpt")
+    ckpt_dir.mkdir()
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [tf.compat.v1.get_variable(n, initializer=v) for n, v in values.items()]
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(ckpt_dir / "bert_model.ckpt"), write_meta_graph=False)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("uncased_L-2_H-32_A-4/bert_config.json", json.dumps(config))
+        zf.write(sample / "vocab.txt", "uncased_L-2_H-32_A-4/vocab.txt")
+        for f in ckpt_dir.iterdir():
+            if f.name.startswith("bert_model.ckpt."):
+                zf.write(f, f"uncased_L-2_H-32_A-4/{f.name}")
+    return values
+
+
+def test_google_checkpoint_round_trip_is_exact(tmp_path, sample):
+    slots = {"bert/embeddings/word_embeddings/adam_m": np.zeros((30522, 32), np.float32),
+             "global_step": np.array(7, np.int64)}
+    values = write_google_zip(tmp_path / "bert.zip", sample, TINY, extra=slots)
+    out = tmp_path / "teacher"
+    proc = run_cli("fetch-teacher", "--source", str(tmp_path / "bert.zip"), "--output", str(out), check=True)
+    assert "google checkpoint" in proc.stdout and "heads: mlm, nsp, pooler" in proc.stdout
+    config, weights, vocab = load_teacher(out, str(out))
+    assert config.hidden_act == "gelu_tanh"  # Google's "gelu" is the tanh approximation
+    assert set(weights) == set(values) - set(slots)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, values[name])
+    model = Bert(config)
+    model.assign(weights)
+    assert model.parameter_count() == sum(v.size for v in weights.values())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no checkpoint", "no checkpoint found"),
+    ("shapes", "has shape (30522, 32) but the config implies (30522, 48)"),
+    ("missing", "lacks bert/encoder/layer_1/output/dense/kernel"),
+    ("vocab size", "vocab.txt has 30522 pieces but the config says vocab_size 30000"),
+    ("dotdot", "would write outside"),
+    ("absolute", "would write outside"),
+])
+def test_bad_teacher_sources_are_refused_and_leave_nothing(tmp_path, sample, case, message):
+    zpath = tmp_path / "bad.zip"
+    if case == "no checkpoint":
+        with zipfile.ZipFile(zpath, "w") as zf:
+            zf.writestr("m/bert_config.json", json.dumps(TINY))
+            zf.write(sample / "vocab.txt", "m/vocab.txt")
+    elif case == "shapes":
+        write_google_zip(zpath, sample, {**TINY, "hidden_size": 48, "intermediate_size": 96}, shapes_from=TINY)
+    elif case == "missing":
+        write_google_zip(zpath, sample, TINY, skip=("bert/encoder/layer_1/output/dense/kernel",))
+    elif case == "vocab size":
+        write_google_zip(zpath, sample, {**TINY, "vocab_size": 30000}, shapes_from=TINY)
+    else:
+        with zipfile.ZipFile(zpath, "w") as zf:
+            zf.writestr("../escape.txt" if case == "dotdot" else "/etc/escape.txt", "x")
+    out = tmp_path / "teacher"
+    proc = run_cli("fetch-teacher", "--source", str(zpath), "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    [line] = error_lines(proc)
+    assert message in line
+    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_a_link_in_the_archive_is_refused(tmp_path):
+    zpath = tmp_path / "link.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        info = zipfile.ZipInfo("m/vocab.txt")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "/etc/passwd")
+    proc = run_cli("fetch-teacher", "--source", str(zpath), "--output", str(tmp_path / "t"))
+    assert proc.returncode == 2 and "is a link" in error_lines(proc)[0]
+
+
+def test_missing_source_is_named(tmp_path):
+    proc = run_cli("fetch-teacher", "--source", str(tmp_path / "nope.zip"), "--output", str(tmp_path / "t"))
+    assert proc.returncode == 2 and "nope.zip does not exist" in error_lines(proc)[0]

@@ -1,0 +1,167 @@
+"""label-teacher and adapt-teacher: the compact label cache, its guards, and head fitting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bertdistill.bert.checkpoints import load_teacher, read_hf_weights, save_teacher
+from bertdistill.bert.config import BertConfig
+from bertdistill.errors import StepError
+from bertdistill.records import pretraining_shapes, read_labelled
+from bertdistill.steps.label_teacher import open_labels
+from tests.conftest import error_lines, run_cli
+
+tf = pytest.importorskip("tensorflow")
+K, P, L = 10, 20, 128
+
+
+@pytest.fixture(scope="module")
+def small_examples(tmp_path_factory, corpus, sample):
+    """~2,600 examples: the held-out text shard at dupe_factor 1."""
+    out = tmp_path_factory.mktemp("ex") / "heldout" / "shard-00000.tfrecord"
+    run_cli("make-examples", "--input", str(corpus / "text" / "heldout" / "shard-00000.txt"), "--output", str(out),
+            "--vocab-file", str(sample / "vocab.txt"), "--dupe-factor", "1", check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, sample):
+    """A small BERT with the real vocab and all heads (weights: MiniLM's embeddings, the rest random):
+    fast enough to label thousands of examples in a test."""
+    from bertdistill.bert.model import Bert
+
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
+                        intermediate_size=256)
+    model = Bert(config, seed=1)
+    embeddings = read_hf_weights(sample / "minilm" / "model.safetensors")
+    model.assign({"bert/embeddings/word_embeddings": embeddings["bert/embeddings/word_embeddings"]})
+    folder = tmp_path_factory.mktemp("tiny") / "teacher"
+    save_teacher(folder, config, model.numpy_weights(), sample / "vocab.txt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_teacher, small_examples):
+    out = tmp_path_factory.mktemp("labels") / "heldout" / "shard-00000.tfrecord"
+    run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(small_examples), "--output", str(out),
+            "--top-k", str(K), check=True)
+    return out
+
+
+def test_labels_are_the_teachers_top_k_sorted_and_sum_to_one(labelled, small_examples, tiny_teacher):
+    from bertdistill.bert.model import Bert
+
+    with open(labelled, "rb") as f:
+        rows = list(read_labelled(f, P))
+    manifest = json.loads((labelled.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())
+    assert len(rows) == manifest["outputs"]["shard-00000.tfrecord"]["records"] > 2000
+    real = np.stack([r["masked_lm_weights"] for r in rows]) > 0
+    probs = np.stack([r["teacher_topk_probs"].reshape(P, K) for r in rows])
+    rest = np.stack([r["teacher_rest_prob"] for r in rows])
+    assert np.abs(probs.sum(-1) + rest - 1)[real].max() < 1e-3
+    assert (np.diff(probs, axis=-1)[real] <= 1e-7).all()
+    assert (probs[~real] == 0).all() and (rest[~real] == 0).all()
+    # Recompute a batch with the model itself: same ids, probabilities within the 2.1% quantization.
+    config, weights, _ = load_teacher(tiny_teacher, str(tiny_teacher))
+    model = Bert(config)
+    model.assign(weights)
+    batch = {k: np.stack([r[k] for r in rows[:32]]) for k in ("input_ids", "input_mask", "segment_ids",
+                                                              "masked_lm_positions")}
+    sequence = model.encode(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    full = tf.nn.softmax(model.mlm_logits(sequence, batch["masked_lm_positions"])).numpy()
+    nsp = model.nsp_logits(sequence).numpy()
+    ids = np.stack([r["teacher_topk_ids"].reshape(P, K) for r in rows[:32]])
+    mask = real[:32]
+    np.testing.assert_array_equal(ids[mask][:, 0], full.argmax(-1)[mask])
+    expected = np.take_along_axis(full, ids, -1)[mask]
+    assert np.abs(probs[:32][mask] / expected - 1).max() < 0.03
+    np.testing.assert_allclose(rest[:32][mask], 1 - np.sort(full, -1)[..., -K:].sum(-1)[mask], atol=2e-3)
+    np.testing.assert_allclose(np.stack([r["teacher_nsp_logits"] for r in rows[:32]]), nsp, atol=2e-2)
+    # The cache stays small: the seed's fp32 + int64 labels took about 1.3 KB per example.
+    assert manifest["summary"]["label_bytes_per_example"] <= 600
+
+
+def test_tensorflow_parses_labelled_records(labelled):
+    spec = {name: tf.io.FixedLenFeature([n], tf.int64 if kind == "int64" else tf.float32)
+            for name, (kind, n) in pretraining_shapes(L, P).items()}
+    spec["teacher"] = tf.io.FixedLenFeature([], tf.string)
+    parsed = next(iter(tf.data.TFRecordDataset(str(labelled)).batch(8).map(lambda r: tf.io.parse_example(r, spec))))
+    assert parsed["teacher"].shape == (8,) and parsed["input_ids"].shape == (8, L)
+
+
+def test_reader_refuses_other_vocab_or_k(labelled):
+    made = json.loads((labelled.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())["summary"]
+    assert open_labels(str(labelled), made["vocab_sha256"], K)["top_k"] == K
+    with pytest.raises(StepError, match="another vocab"):
+        open_labels(str(labelled), "0" * 64, K)
+    with pytest.raises(StepError, match="top-10 labels but top-5"):
+        open_labels(str(labelled), made["vocab_sha256"], 5)
+
+
+def test_examples_made_with_another_vocab_are_refused(tmp_path, sample, corpus, tiny_teacher):
+    tokens = (sample / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    tokens[2000], tokens[2001] = tokens[2001], tokens[2000]  # same size, other ids
+    other = tmp_path / "other-vocab.txt"
+    other.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    ex = tmp_path / "ex" / "s.tfrecord"
+    run_cli("make-examples", "--input", str(corpus / "text" / "heldout" / "shard-00000.txt"), "--output", str(ex),
+            "--vocab-file", str(other), "--dupe-factor", "1", check=True)
+    out = tmp_path / "labels" / "s.tfrecord"
+    proc = run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(ex), "--output", str(out))
+    assert proc.returncode == 2 and "made with another vocab" in error_lines(proc)[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_bad_crc_is_refused_and_leaves_nothing(tmp_path, small_examples, tiny_teacher):
+    broken = tmp_path / "ex" / small_examples.name
+    broken.parent.mkdir()
+    shutil.copyfile(small_examples, broken)
+    shutil.copyfile(small_examples.parent / f"_MANIFEST.{small_examples.name}.json",
+                    broken.parent / f"_MANIFEST.{small_examples.name}.json")
+    data = bytearray(broken.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    broken.write_bytes(bytes(data))
+    out = tmp_path / "labels" / "s.tfrecord"
+    proc = run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(broken), "--output", str(out))
+    assert proc.returncode == 2
+    [line] = error_lines(proc)
+    assert "corrupt TFRecord" in line and broken.name in line
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_teacher_without_masked_lm_head_cannot_label(tmp_path, sample, small_examples):
+    teacher = tmp_path / "minilm"
+    run_cli("fetch-teacher", "--source", str(sample / "minilm"), "--output", str(teacher), check=True)
+    proc = run_cli("label-teacher", "--teacher", str(teacher), "--input", str(small_examples), "--output",
+                   str(tmp_path / "l" / "x.tfrecord"))
+    assert proc.returncode == 2 and "run adapt-teacher" in error_lines(proc)[0]
+
+
+def test_adapt_teacher_fits_heads_on_a_frozen_encoder(tmp_path, sample, small_examples):
+    teacher = tmp_path / "minilm"
+    run_cli("fetch-teacher", "--source", str(sample / "minilm"), "--output", str(teacher), check=True)
+    examples = tmp_path / "examples"
+    for split in ("train", "heldout"):
+        (examples / split).mkdir(parents=True)
+        for f in small_examples.parent.iterdir():
+            shutil.copyfile(f, examples / split / f.name)
+    out = tmp_path / "adapted"
+    args = ["adapt-teacher", "--teacher", str(teacher), "--examples", str(examples), "--output", str(out),
+            "--freeze-encoder", "--steps", "4", "--batch-size", "8", "--eval-examples", "64", "--warmup-steps", "1",
+            "--learning-rate", "1e-3"]
+    proc = run_cli(*args, check=True)
+    assert "held-out masked-LM top-1" in proc.stdout
+    summary = json.loads((out / "_MANIFEST.json").read_text())["summary"]
+    assert 0 <= summary["heldout_mlm_accuracy"] <= 1 and summary["trained"] == "heads"
+    config, adapted, _ = load_teacher(out, str(out))  # all heads now present
+    _, original, _ = load_teacher(teacher, str(teacher), required_heads=())
+    for name in ("bert/encoder/layer_0/attention/self/query/kernel", "bert/embeddings/word_embeddings"):
+        np.testing.assert_array_equal(adapted[name], original[name])  # frozen means frozen
+    assert not np.allclose(adapted["cls/predictions/transform/dense/kernel"],
+                           load_teacher(out, str(out))[1]["cls/predictions/transform/dense/kernel"] * 0)
+    again = run_cli(*args, check=True)
+    assert "skipped" in again.stderr
