@@ -87,7 +87,7 @@ def test_google_checkpoint_round_trip_is_exact(tmp_path, sample):
     out = tmp_path / "teacher"
     proc = run_cli("fetch-teacher", "--source", str(tmp_path / "bert.zip"), "--output", str(out), check=True)
     assert "google checkpoint" in proc.stdout and "heads: mlm, nsp, pooler" in proc.stdout
-    config, weights, vocab = load_teacher(out, str(out))
+    config, weights, _ = load_teacher(out, str(out))
     assert config.hidden_act == "gelu_tanh"  # Google's "gelu" is the tanh approximation
     assert set(weights) == set(values) - set(slots)
     for name, value in weights.items():

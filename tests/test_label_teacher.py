@@ -157,7 +157,7 @@ def test_adapt_teacher_fits_heads_on_a_frozen_encoder(tmp_path, sample, small_ex
     assert "held-out masked-LM top-1" in proc.stdout
     summary = json.loads((out / "_MANIFEST.json").read_text())["summary"]
     assert 0 <= summary["heldout_mlm_accuracy"] <= 1 and summary["trained"] == "heads"
-    config, adapted, _ = load_teacher(out, str(out))  # all heads now present
+    _, adapted, _ = load_teacher(out, str(out))  # all heads now present
     _, original, _ = load_teacher(teacher, str(teacher), required_heads=())
     for name in ("bert/encoder/layer_0/attention/self/query/kernel", "bert/embeddings/word_embeddings"):
         np.testing.assert_array_equal(adapted[name], original[name])  # frozen means frozen

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 from bertdistill import __version__
 from bertdistill.errors import StepError
+from bertdistill.steps.fetch_dump import DEFAULT_MIRROR
+from bertdistill.steps.fetch_teacher import GOOGLE_BERT_BASE_UNCASED
 
 
 def _positive(text: str) -> int:
@@ -30,7 +32,7 @@ def _fetch_dump(p: argparse.ArgumentParser) -> None:
     p.add_argument("--date", default="latest", help="dump date YYYYMMDD, or 'latest' (newest finished dump)")
     p.add_argument("--output", required=True,
                    help="dumps root URI; files land in <output>/<wiki>/<date>/")
-    p.add_argument("--mirror", default="https://dumps.wikimedia.org",
+    p.add_argument("--mirror", default=DEFAULT_MIRROR,
                    help="dump server base URL, local folder or file:// URL laid out like dumps.wikimedia.org")
     p.add_argument("--max-files", type=_positive, default=None,
                    help="fetch only the first N pages-articles files (default: all)")
@@ -67,8 +69,9 @@ def _make_examples(p: argparse.ArgumentParser) -> None:
 
 
 def _fetch_teacher(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="https://storage.googleapis.com/bert_models/2018_10_18/uncased_L-12_H-768_A-12.zip",
-                   help="Google BERT zip (URL or path) or Hugging Face folder (config.json, model.safetensors, vocab.txt)")
+    p.add_argument("--source", default=GOOGLE_BERT_BASE_UNCASED,
+                   help="Google BERT zip (URL or path), or a Hugging Face folder with config.json, "
+                   "model.safetensors and vocab.txt")
     p.add_argument("--output", required=True, help="teacher folder URI, e.g. data/teachers/bert-base-uncased")
 
 

@@ -1,4 +1,4 @@
-"""AdamW with warm-up then linear decay, and the loss helpers shared by every training step.
+"""AdamW with warm-up then linear decay, over plain tf.Variables.
 
 Written against plain tf.Variables (not a Keras optimizer) so the same update runs under
 horovod.tensorflow's DistributedGradientTape, and so a checkpoint is just arrays: the
@@ -49,14 +49,3 @@ class AdamW(tf.Module):
                 update += self.weight_decay * var
             var.assign_sub(lr * update)
         return lr, norm
-
-
-def masked_lm_loss(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """Mean cross-entropy over the real masked positions ([B, P, V], [B, P], [B, P])."""
-    per_position = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    weights = tf.cast(weights, tf.float32)
-    return tf.reduce_sum(per_position * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
-
-
-def next_sentence_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))

@@ -385,7 +385,7 @@ def open_folder(target: str | os.PathLike | Folder) -> Folder:
         return S3Folder(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
         return LocalFolder(parsed.path)
-    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+    if parsed.scheme == "":
         return LocalFolder(text)
     raise StepError(f"{text!r}: unsupported store URI scheme {parsed.scheme!r}; use a path, file:// or s3://")
 

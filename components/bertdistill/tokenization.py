@@ -65,11 +65,12 @@ def _parse_vocab(raw: bytes, uri: str) -> list[str]:
     return tokens
 
 
-def wordpiece_tokenizer(vocab: Vocab, lowercase: bool = True):
+def wordpiece_tokenizer(vocab: Vocab | list[str], lowercase: bool = True):
     """A `tokenizers.Tokenizer` whose ids equal Google's FullTokenizer(vocab, do_lower_case)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    model = models.WordPiece({t: i for i, t in enumerate(vocab.tokens)}, unk_token="[UNK]",
+    tokens = vocab.tokens if isinstance(vocab, Vocab) else vocab
+    model = models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]",
                              max_input_chars_per_word=GOOGLE_MAX_INPUT_CHARS_PER_WORD)
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,

@@ -152,8 +152,7 @@ def load_teacher(folder: Path, source: str, required_heads: tuple[str, ...] = ("
     config = BertConfig.from_json_file(folder / CONFIG, f"{source}/{CONFIG}")
     vocab = Vocab(folder / VOCAB, f"{source}/{VOCAB}")
     check_vocab(vocab, config, source)
-    missing_heads = [h for h in required_heads if h not in heads_present(load_file(str(folder / WEIGHTS)))]
-    if "mlm" in missing_heads:
+    arrays = load_file(str(folder / WEIGHTS))
+    if "mlm" in required_heads and "mlm" not in heads_present(arrays):
         raise StepError(f"{source}: the teacher has no masked-LM head; run adapt-teacher on it first")
-    weights = checked_weights(load_file(str(folder / WEIGHTS)), config, source, required_heads)
-    return config, weights, vocab
+    return config, checked_weights(arrays, config, source, required_heads), vocab

@@ -27,7 +27,7 @@ POOLER = "bert/pooler/"
 
 def variable_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     """Every variable of the full pretraining model, Google's name -> shape."""
-    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    H, inner, V = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {
         "bert/embeddings/word_embeddings": (V, H),
         "bert/embeddings/position_embeddings": (config.max_position_embeddings, H),
@@ -43,8 +43,8 @@ def variable_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({
             f"{p}attention/output/dense/kernel": (H, H), f"{p}attention/output/dense/bias": (H,),
             f"{p}attention/output/LayerNorm/gamma": (H,), f"{p}attention/output/LayerNorm/beta": (H,),
-            f"{p}intermediate/dense/kernel": (H, I), f"{p}intermediate/dense/bias": (I,),
-            f"{p}output/dense/kernel": (I, H), f"{p}output/dense/bias": (H,),
+            f"{p}intermediate/dense/kernel": (H, inner), f"{p}intermediate/dense/bias": (inner,),
+            f"{p}output/dense/kernel": (inner, H), f"{p}output/dense/bias": (H,),
             f"{p}output/LayerNorm/gamma": (H,), f"{p}output/LayerNorm/beta": (H,),
         })
     shapes.update({

@@ -133,7 +133,8 @@ def _adapt(config, weights, train: list[str], heldout: list[str], info: dict, pa
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
-    from bertdistill.optim import AdamW, masked_lm_loss, next_sentence_loss
+    from bertdistill.losses import masked_lm_loss, next_sentence_loss
+    from bertdistill.optim import AdamW
     from bertdistill.tfdata import pretraining_dataset
 
     tf.random.set_seed(params.seed)
@@ -153,7 +154,7 @@ def _adapt(config, weights, train: list[str], heldout: list[str], info: dict, pa
                                  b["masked_lm_weights"])
             nsp = next_sentence_loss(model.nsp_logits(sequence), b["next_sentence_labels"][:, 0])
             loss = mlm + nsp
-        lr, norm = optimizer.apply(tape.gradient(loss, variables))
+        lr, _ = optimizer.apply(tape.gradient(loss, variables))
         return loss, mlm, nsp, lr
 
     data = iter(pretraining_dataset(train, info["max_seq_length"], info["max_predictions_per_seq"],

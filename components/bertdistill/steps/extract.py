@@ -137,12 +137,10 @@ def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
 
 
 def _watch_stderr(proc: subprocess.Popen, lines: list[str]) -> None:
-    crashed_at = None
     for line in proc.stderr:
+        if line.startswith("Traceback") and not any(seen.startswith("Traceback") for seen in lines):
+            threading.Timer(1.0, _kill_group, args=(proc,)).start()  # let the traceback finish first
         lines.append(line)
-        if line.startswith("Traceback") and crashed_at is None:
-            crashed_at = len(lines)
-            threading.Timer(1.0, _kill_group, args=(proc,)).start()  # let the traceback finish
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -85,8 +85,14 @@ def _source_dir(source: str, work: Path) -> Path:
 
 
 def run(params: FetchTeacherParams) -> Manifest:
-    from bertdistill.bert.checkpoints import (check_vocab, checked_weights, heads_present, read_google_checkpoint,
-                                              read_hf_weights, save_teacher)
+    from bertdistill.bert.checkpoints import (
+        check_vocab,
+        checked_weights,
+        heads_present,
+        read_google_checkpoint,
+        read_hf_weights,
+        save_teacher,
+    )
     from bertdistill.bert.config import BertConfig
     from bertdistill.tokenization import Vocab
 

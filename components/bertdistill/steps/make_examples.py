@@ -96,13 +96,8 @@ class _Context:
     special: tuple[int, int, int]  # cls, sep, mask
 
     def setup(self) -> None:
-        self.tokenizer = wordpiece_tokenizer(_VocabView(self.vocab_tokens), self.lowercase)
+        self.tokenizer = wordpiece_tokenizer(self.vocab_tokens, self.lowercase)
         self.continuation = np.array([t.startswith("##") for t in self.vocab_tokens])
-
-
-class _VocabView:
-    def __init__(self, tokens: list[str]):
-        self.tokens = tokens
 
 
 def run(params: MakeExamplesParams) -> Manifest:
