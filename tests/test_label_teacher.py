@@ -56,7 +56,7 @@ def test_labels_are_the_teachers_top_k_sorted_and_sum_to_one(labelled, small_exa
     from bertdistill.bert.model import Bert
 
     with open(labelled, "rb") as f:
-        rows = list(read_labelled(f, P))
+        rows = list(read_labelled(f, P, K))
     manifest = json.loads((labelled.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())
     assert len(rows) == manifest["outputs"]["shard-00000.tfrecord"]["records"] > 2000
     real = np.stack([r["masked_lm_weights"] for r in rows]) > 0
@@ -78,7 +78,9 @@ def test_labels_are_the_teachers_top_k_sorted_and_sum_to_one(labelled, small_exa
     mask = real[:32]
     np.testing.assert_array_equal(ids[mask][:, 0], full.argmax(-1)[mask])
     expected = np.take_along_axis(full, ids, -1)[mask]
-    assert np.abs(probs[:32][mask] / expected - 1).max() < 0.03
+    big = expected > 4e-4  # smaller ones are stored as the 7-bit floor, e^-7.9
+    # 3.2% from the 7-bit quantization, at most as much again from the rescale to the stored mass
+    assert np.abs(probs[:32][mask][big] / expected[big] - 1).max() < 0.07
     np.testing.assert_allclose(rest[:32][mask], 1 - np.sort(full, -1)[..., -K:].sum(-1)[mask], atol=2e-3)
     np.testing.assert_allclose(np.stack([r["teacher_nsp_logits"] for r in rows[:32]]), nsp, atol=2e-2)
     # The cache stays small: the seed's fp32 + int64 labels took about 1.3 KB per example.

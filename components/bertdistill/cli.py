@@ -82,7 +82,7 @@ def _adapt_teacher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="fit the heads only; keep the encoder fixed")
     p.add_argument("--steps", type=_positive, default=300, help="training steps")
     p.add_argument("--batch-size", type=_positive, default=32, help="examples per step")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--learning-rate", type=float, default=4e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps")
     p.add_argument("--eval-examples", type=_positive, default=2048, help="held-out examples to evaluate on")
     p.add_argument("--seed", type=int, default=0, help="seed for head initialisation and shuffling")

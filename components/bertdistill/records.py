@@ -14,7 +14,19 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bertdistill.tfrecord import FLOAT, INT64, decode_example, encode_example, frame, packed_varints, read_records
+from bertdistill.tfrecord import (
+    FLOAT,
+    INT64,
+    bytes_entry,
+    bytes_list_body,
+    decode_example,
+    encode_example,
+    frame,
+    packed_varints,
+    read_records,
+    read_varint,
+    varint,
+)
 
 PRETRAINING_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
                         "masked_lm_weights", "next_sentence_labels")
@@ -78,54 +90,54 @@ def read_pretraining(f: BinaryIO, name: str = "<stream>") -> Iterator[dict[str, 
 
 # ---- labelled examples ------------------------------------------------------------------
 # The teacher's view of an example travels as one bytes feature, `teacher`, that the reader
-# expands into DESIGN.md's four fields. Only the example's real masked positions (n of P)
-# are stored:
-#   uint8 version, uint8 k, uint8 n, float16 nsp_logits[2], uint16 topk_mass[n] (x 65535),
-#   uint16 topk_ids[n*k], uint8 topk_logprob[n*k]   (-ln p in steps of 1/LOGPROB_STEPS nat)
-# The top-k mass (1 - rest) is kept to 1.5e-5 absolute, so both a small rest and a small
-# top-k mass survive; a quantized top-k probability is within 2.1% (relative) of the
-# teacher's, and the reader rescales the k probabilities of a position to that mass, so
-# they and the rest mass sum to 1.
+# expands into DESIGN.md's four fields. Only the example's n real masked positions are
+# stored (n is the count of its non-zero masked_lm_weights; k comes from the manifest):
+#   uint8 version, float16 nsp_logits[2], uint16 topk_mass[n] (x 65535),
+#   n*k entries of 22 bits, big-endian bit-packed: id (15 bits) << 7 | -ln(p) in 1/16 nat (7 bits)
+# The top-k mass (1 - rest) keeps 1.5e-5 absolute precision, so a small rest and a small
+# top-k mass both survive. A top-k probability keeps 3.2% relative precision (those below
+# e^-7.9 = 3.6e-4 are stored as 3.6e-4); the reader rescales a position's k probabilities to
+# its stored mass, so they and the rest sum to 1. At L=128, P=20, k=10 that is at most 19
+# positions x 29.5 bytes + 5, about 0.58 KB per example with the feature's framing.
 LABEL_FEATURE = b"teacher"
-LABEL_VERSION = 1
-LOGPROB_STEPS = 24.0
+LABEL_VERSION = 3
+LOGPROB_STEPS = 16.0
+ID_BITS, LOGPROB_BITS = 15, 7
+ENTRY_BITS = ID_BITS + LOGPROB_BITS
+_BIT_WEIGHTS = 1 << np.arange(ENTRY_BITS - 1, -1, -1, dtype=np.int64)
 
 
 def encode_labels(n_real: np.ndarray, topk_ids: np.ndarray, topk_probs: np.ndarray, rest: np.ndarray,
                   nsp_logits: np.ndarray) -> list[bytes]:
     """Per example, the `teacher` blob. Arrays are [N, P, k], [N, P, k], [N, P], [N, 2]."""
-    k = topk_ids.shape[2]
-    if topk_ids.max(initial=0) >= 1 << 16:
-        raise ValueError("label encoding stores ids as uint16: vocabularies up to 65,536 pieces")
-    q = np.clip(np.rint(-np.log(np.maximum(topk_probs, 1e-30)) * LOGPROB_STEPS), 0, 255).astype(np.uint8)
-    ids16 = topk_ids.astype("<u2")
+    if topk_ids.max(initial=0) >= 1 << ID_BITS:
+        raise ValueError(f"label encoding stores ids in {ID_BITS} bits: vocabularies up to {1 << ID_BITS:,} pieces")
+    top = (1 << LOGPROB_BITS) - 1
+    q = np.clip(np.rint(-np.log(np.maximum(topk_probs, 1e-30)) * LOGPROB_STEPS), 0, top).astype(np.int64)
+    entries = (topk_ids.astype(np.int64) << LOGPROB_BITS) | q  # [N, P, k]
+    bits = ((entries[..., None] >> np.arange(ENTRY_BITS - 1, -1, -1)) & 1).astype(np.uint8)  # [N, P, k, 22]
     mass16 = np.rint(np.clip(1.0 - rest, 0.0, 1.0) * 65535).astype("<u2")
     nsp16 = nsp_logits.astype("<f2")
-    out = []
-    for r, n in enumerate(n_real.tolist()):
-        out.append(b"".join((bytes((LABEL_VERSION, k, n)), nsp16[r].tobytes(), mass16[r, :n].tobytes(),
-                             ids16[r, :n].tobytes(), q[r, :n].tobytes())))
-    return out
+    return [b"".join((bytes((LABEL_VERSION,)), nsp16[r].tobytes(), mass16[r, :n].tobytes(),
+                      np.packbits(bits[r, :n].reshape(-1)).tobytes()))
+            for r, n in enumerate(n_real.tolist())]
 
 
-def decode_labels(blob: bytes, max_predictions: int) -> dict[str, np.ndarray]:
-    """The `teacher` blob as teacher_topk_ids[P*k], teacher_topk_probs[P*k], teacher_rest_prob[P],
-    teacher_nsp_logits[2] (zeros at padding positions)."""
-    version, k, n = blob[0], blob[1], blob[2]
-    if version != LABEL_VERSION:
-        raise ValueError(f"unknown teacher label encoding version {version}")
+def decode_labels(blob: bytes, max_predictions: int, k: int, n: int) -> dict[str, np.ndarray]:
+    """The `teacher` blob of an example with n real masked positions, as teacher_topk_ids[P*k],
+    teacher_topk_probs[P*k], teacher_rest_prob[P], teacher_nsp_logits[2] (zeros at padding)."""
+    if blob[0] != LABEL_VERSION:
+        raise ValueError(f"unknown teacher label encoding version {blob[0]}")
     P = max_predictions
-    at = 3
-    nsp = np.frombuffer(blob, "<f2", 2, at).astype(np.float32)
-    at += 4
+    nsp = np.frombuffer(blob, "<f2", 2, 1).astype(np.float32)
     rest = np.zeros(P, np.float32)
-    rest[:n] = 1.0 - np.frombuffer(blob, "<u2", n, at) / 65535.0
-    at += 2 * n
+    rest[:n] = 1.0 - np.frombuffer(blob, "<u2", n, 5) / 65535.0
+    bits = np.unpackbits(np.frombuffer(blob, np.uint8, offset=5 + 2 * n))[: n * k * ENTRY_BITS]
+    entries = bits.reshape(n * k, ENTRY_BITS).astype(np.int64) @ _BIT_WEIGHTS
     ids = np.zeros((P, k), np.int64)
-    ids[:n] = np.frombuffer(blob, "<u2", n * k, at).reshape(n, k)
-    at += 2 * n * k
+    ids[:n] = (entries >> LOGPROB_BITS).reshape(n, k)
     probs = np.zeros((P, k), np.float32)
-    probs[:n] = np.exp(-np.frombuffer(blob, np.uint8, n * k, at).reshape(n, k) / LOGPROB_STEPS)
+    probs[:n] = np.exp(-(entries & ((1 << LOGPROB_BITS) - 1)).reshape(n, k) / LOGPROB_STEPS)
     probs[:n] *= ((1.0 - rest[:n]) / probs[:n].sum(axis=1))[:, None]
     return {"teacher_topk_ids": ids.reshape(-1), "teacher_topk_probs": probs.reshape(-1),
             "teacher_rest_prob": rest, "teacher_nsp_logits": nsp}
@@ -133,8 +145,6 @@ def decode_labels(blob: bytes, max_predictions: int) -> dict[str, np.ndarray]:
 
 def append_bytes_feature(example: bytes, key: bytes, value: bytes) -> bytes:
     """A serialized tf.train.Example with one more bytes feature, without re-encoding the rest."""
-    from bertdistill.tfrecord import bytes_entry, bytes_list_body, read_varint, varint
-
     if example[0] != 0x0A:
         raise ValueError("not a serialized tf.train.Example")
     length, at = read_varint(example, 1)
@@ -142,9 +152,11 @@ def append_bytes_feature(example: bytes, key: bytes, value: bytes) -> bytes:
     return b"\x0a" + varint(len(body)) + body
 
 
-def read_labelled(f: BinaryIO, max_predictions: int, name: str = "<stream>") -> Iterator[dict[str, np.ndarray]]:
+def read_labelled(f: BinaryIO, max_predictions: int, k: int, name: str = "<stream>"
+                  ) -> Iterator[dict[str, np.ndarray]]:
     for payload in read_records(f, name):
         example = decode_example(payload)
         blob = example.pop(LABEL_FEATURE.decode())[0]
-        example.update(decode_labels(blob, max_predictions))
+        n = int((example["masked_lm_weights"] > 0).sum())
+        example.update(decode_labels(blob, max_predictions, k, n))
         yield example

@@ -5,8 +5,9 @@ next-sentence classifier). This step fits both on the train examples, by default
 fine-tuning the whole encoder briefly (`--freeze-encoder` trains the heads alone), then
 measures held-out masked-LM top-1 accuracy, which the manifest keeps: a teacher whose
 accuracy is unknown, or a randomly initialised one, never labels anything. Measured with
-MiniLM on the sample: heads alone reach about 12% after 600 steps, full fine-tuning about
-27% after 300 steps (batch 32 x 128).
+MiniLM on the sample's demo split (4 train shards, dupe_factor 10; batch 32 x 128, 300
+steps, about 11 minutes on 2 cores): 26.7% held-out top-1 at the default peak learning
+rate 4e-4, 19.0% at 1e-4.
 
 The result is a new teacher folder; its manifest makes later runs reuse it instead of
 adapting again.
@@ -37,7 +38,7 @@ class AdaptTeacherParams:
     freeze_encoder: bool = False
     steps: int = 300
     batch_size: int = 32
-    learning_rate: float = 1e-4
+    learning_rate: float = 4e-4
     warmup_steps: int = 30
     eval_examples: int = 2048
     seed: int = 0

@@ -3,8 +3,8 @@
 For each masked position: the top-k probabilities (temperature 1, sorted) with their ids
 and the probability mass outside the top k; for each example the next-sentence logits.
 The labelled record is the pretraining example with one more feature (see records.py for
-the compact encoding): about 0.58 KB per example at k=10, P=20, where the seed's fp32 +
-int64 cache took 1.3 KB and dropped the rest mass and the next-sentence outputs.
+the compact encoding): at most about 0.58 KB per example at k=10, P=20, where the seed's
+fp32 + int64 cache took 1.3 KB and dropped the rest mass and the next-sentence outputs.
 
 Labels are only valid for examples tokenized with the teacher's vocab: the example
 shard's manifest records its vocab's sha256, and a mismatch is refused.
