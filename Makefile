@@ -48,6 +48,7 @@ lint: $(STAMP)
 
 bench: sample
 	$(BIN)/python bench/make_examples.py
+	$(BIN)/python bench/label_teacher.py
 
 clean:
 	rm -rf $(VENV) $(DATA) .cache .pytest_cache
