@@ -167,3 +167,24 @@ def test_adapt_teacher_fits_heads_on_a_frozen_encoder(tmp_path, sample, small_ex
                            load_teacher(out, str(out))[1]["cls/predictions/transform/dense/kernel"] * 0)
     again = run_cli(*args, check=True)
     assert "skipped" in again.stderr
+
+
+@pytest.mark.s3
+def test_teacher_steps_on_s3(s3_env, s3_prefix, tmp_path, sample, tiny_teacher, small_examples, labelled):
+    """fetch-teacher into s3://, label-teacher from and to s3://: the same bytes as locally."""
+    from bertdistill.store import open_folder
+
+    env = {**s3_env, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
+    store = open_folder(s3_prefix)
+    run_cli("fetch-teacher", "--source", str(sample / "minilm"), "--output", f"{s3_prefix}/teachers/minilm",
+            env=env, check=True)
+    assert json.loads(store.read_bytes("teachers/minilm/_MANIFEST.json"))["summary"]["heads"] == ["pooler"]
+    for name in ("bert_config.json", "vocab.txt", "model.safetensors"):
+        store.write_bytes(f"teachers/tiny/{name}", (tiny_teacher / name).read_bytes())
+    for f in small_examples.parent.iterdir():
+        store.write_bytes(f"examples/{f.name}", f.read_bytes())
+    run_cli("label-teacher", "--teacher", f"{s3_prefix}/teachers/tiny", "--input",
+            store.child_uri(f"examples/{small_examples.name}"), "--output", f"{s3_prefix}/labels/{labelled.name}",
+            env=env, check=True)
+    assert store.read_bytes(f"labels/{labelled.name}") == labelled.read_bytes()
+    assert not any(p.is_file() for p in (tmp_path / "scratch").rglob("*")), "staged copies are cleaned up"
