@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bertdistill.bert.checkpoints import load_teacher, read_hf_weights, save_teacher
-from bertdistill.bert.config import BertConfig
+from bertdistill.bert.checkpoints import load_teacher
 from bertdistill.errors import StepError
 from bertdistill.records import pretraining_shapes, read_labelled
 from bertdistill.steps.label_teacher import open_labels
@@ -17,39 +16,6 @@ from tests.conftest import error_lines, run_cli
 
 tf = pytest.importorskip("tensorflow")
 K, P, L = 10, 20, 128
-
-
-@pytest.fixture(scope="module")
-def small_examples(tmp_path_factory, corpus, sample):
-    """~2,600 examples: the held-out text shard at dupe_factor 1."""
-    out = tmp_path_factory.mktemp("ex") / "heldout" / "shard-00000.tfrecord"
-    run_cli("make-examples", "--input", str(corpus / "text" / "heldout" / "shard-00000.txt"), "--output", str(out),
-            "--vocab-file", str(sample / "vocab.txt"), "--dupe-factor", "1", check=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, sample):
-    """A small BERT with the real vocab and all heads (weights: MiniLM's embeddings, the rest random):
-    fast enough to label thousands of examples in a test."""
-    from bertdistill.bert.model import Bert
-
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
-                        intermediate_size=256)
-    model = Bert(config, seed=1)
-    embeddings = read_hf_weights(sample / "minilm" / "model.safetensors")
-    model.assign({"bert/embeddings/word_embeddings": embeddings["bert/embeddings/word_embeddings"]})
-    folder = tmp_path_factory.mktemp("tiny") / "teacher"
-    save_teacher(folder, config, model.numpy_weights(), sample / "vocab.txt")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory, tiny_teacher, small_examples):
-    out = tmp_path_factory.mktemp("labels") / "heldout" / "shard-00000.tfrecord"
-    run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(small_examples), "--output", str(out),
-            "--top-k", str(K), check=True)
-    return out
 
 
 def test_labels_are_the_teachers_top_k_sorted_and_sum_to_one(labelled, small_examples, tiny_teacher):

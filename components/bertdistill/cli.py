@@ -96,6 +96,31 @@ def _label_teacher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=64, help="examples per inference batch")
 
 
+def _distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher folder URI (the one that made the labels)")
+    p.add_argument("--labels", required=True, help="labels folder URI with train/ labelled shards")
+    p.add_argument("--output", required=True, help="student folder URI: checkpoints/ and export/")
+    p.add_argument("--student-layers", type=_positive, default=3, help="student layers (teacher's config otherwise)")
+    p.add_argument("--student-hidden", type=_positive, default=None, help="student hidden size (default: teacher's)")
+    p.add_argument("--student-config", default=None, help="explicit student config.json (overrides the two above)")
+    p.add_argument("--student-init", default="teacher", choices=("teacher", "random"),
+                   help="start from evenly spaced teacher layers (DistilBERT) or random weights")
+    p.add_argument("--top-k", type=_positive, default=10, help="k the labels must have been made with")
+    p.add_argument("--steps", type=_positive, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive, default=32, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    p.add_argument("--soft-mlm-weight", type=float, default=1.0, help="weight of T^2 KL on the cached top-k")
+    p.add_argument("--hard-mlm-weight", type=float, default=1.0, help="weight of cross-entropy on masked_lm_ids")
+    p.add_argument("--nsp-weight", type=float, default=0.5, help="weight of next-sentence loss on the labels")
+    p.add_argument("--soft-nsp-weight", type=float, default=0.5, help="weight of KL on the teacher's NSP logits")
+    p.add_argument("--checkpoint-every", type=_positive, default=100, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed: data order, dropout masks, random init")
+
+
 # name -> (module under bertdistill.steps, params class, flag definer, help)
 STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] = {
     "fetch-dump": ("fetch_dump", "FetchDumpParams", _fetch_dump,
@@ -111,6 +136,7 @@ STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]
                       "fit the masked-LM / next-sentence heads a sentence encoder lacks"),
     "label-teacher": ("label_teacher", "LabelTeacherParams", _label_teacher,
                       "example shard -> the same examples + the teacher's top-k and NSP outputs"),
+    "distill": ("distill", "DistillParams", _distill, "train a student on the cached teacher labels"),
 }
 
 

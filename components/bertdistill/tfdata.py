@@ -27,3 +27,42 @@ def pretraining_dataset(paths: list[str], max_seq_length: int, max_predictions: 
         return {k: (v if v.dtype == tf.float32 else tf.cast(v, tf.int32)) for k, v in batch.items()}
 
     return ds.batch(batch_size, drop_remainder=repeat).map(parse, num_parallel_calls=2).prefetch(2)
+
+
+def labelled_dataset(paths: list[str], max_seq_length: int, max_predictions: int, top_k: int, batch_size: int,
+                     shuffle: bool = False, repeat: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """Batches of labelled examples: the pretraining features plus the teacher's four fields,
+    decoded by records.decode_labels (one decoder for every reader)."""
+    import numpy as np
+
+    from bertdistill.records import LABEL_FEATURE, decode_labels
+
+    spec = pretraining_spec(max_seq_length, max_predictions)
+    spec[LABEL_FEATURE.decode()] = tf.io.FixedLenFeature([], tf.string)
+    ds = tf.data.TFRecordDataset(paths)
+    if shuffle:
+        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def decode(blobs, weights):
+        rows = [decode_labels(blob, max_predictions, top_k, int((w > 0).sum()))
+                for blob, w in zip(blobs, weights, strict=True)]
+        return (np.stack([r["teacher_topk_ids"] for r in rows]).astype(np.int32).reshape(-1, max_predictions, top_k),
+                np.stack([r["teacher_topk_probs"] for r in rows]).reshape(-1, max_predictions, top_k),
+                np.stack([r["teacher_rest_prob"] for r in rows]),
+                np.stack([r["teacher_nsp_logits"] for r in rows]))
+
+    def parse(raw):
+        batch = tf.io.parse_example(raw, spec)
+        ids, probs, rest, nsp = tf.numpy_function(decode, [batch.pop(LABEL_FEATURE.decode()),
+                                                           batch["masked_lm_weights"]],
+                                                  [tf.int32, tf.float32, tf.float32, tf.float32], stateful=False)
+        out = {k: (v if v.dtype == tf.float32 else tf.cast(v, tf.int32)) for k, v in batch.items()}
+        out.update(teacher_topk_ids=tf.ensure_shape(ids, [None, max_predictions, top_k]),
+                   teacher_topk_probs=tf.ensure_shape(probs, [None, max_predictions, top_k]),
+                   teacher_rest_prob=tf.ensure_shape(rest, [None, max_predictions]),
+                   teacher_nsp_logits=tf.ensure_shape(nsp, [None, 2]))
+        return out
+
+    return ds.batch(batch_size, drop_remainder=repeat).map(parse, num_parallel_calls=2).prefetch(2)

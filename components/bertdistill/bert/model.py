@@ -101,20 +101,29 @@ class Bert(tf.Module):
             return tf.nn.relu(x)
         return tf.nn.gelu(x, approximate=self.config.hidden_act == "gelu_tanh")
 
-    def _dropout(self, x: tf.Tensor, rate: float, training: bool) -> tf.Tensor:
-        return tf.nn.dropout(x, rate) if training and rate > 0 else x
+    def _dropout(self, x: tf.Tensor, rate: float, training: bool, seed=None, salt: int = 0) -> tf.Tensor:
+        """Stateless when a seed is given: the masks are a function of (seed, salt), so a resumed
+        run draws the same masks as an uninterrupted one."""
+        if not training or rate == 0:
+            return x
+        if seed is None:
+            return tf.nn.dropout(x, rate)
+        return tf.nn.experimental.stateless_dropout(x, rate, seed=seed + tf.constant([0, salt], seed.dtype))
 
     # -- the model -------------------------------------------------------------------------
     def encode(self, input_ids, input_mask, segment_ids, training: bool = False,
-               num_layers: int | None = None) -> tf.Tensor:
-        """Last hidden states [B, L, H] (or those after the first `num_layers` layers)."""
+               num_layers: int | None = None, seed: tf.Tensor | None = None) -> tf.Tensor:
+        """Last hidden states [B, L, H] (or those after the first `num_layers` layers).
+
+        `seed` ([2] int64) makes dropout deterministic per call; training loops pass the step.
+        """
         c = self.config
         shape = tf.shape(input_ids)
         B, L = shape[0], shape[1]
         x = (tf.gather(self._w("bert/embeddings/word_embeddings"), input_ids)
              + self._w("bert/embeddings/position_embeddings")[None, :L]
              + tf.gather(self._w("bert/embeddings/token_type_embeddings"), segment_ids))
-        x = self._dropout(self._layer_norm(x, "bert/embeddings/LayerNorm"), c.hidden_dropout_prob, training)
+        x = self._dropout(self._layer_norm(x, "bert/embeddings/LayerNorm"), c.hidden_dropout_prob, training, seed)
         mask = tf.cast(input_mask, self.compute_dtype)[:, None, None, :]
         bias = (1.0 - mask) * tf.constant(-10000.0, self.compute_dtype)
         heads, size = c.num_attention_heads, c.head_size
@@ -130,13 +139,14 @@ class Bert(tf.Module):
             k = split(self._dense(x, p + "attention/self/key"))
             v = split(self._dense(x, p + "attention/self/value"))
             probs = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * scale + bias)
-            probs = self._dropout(probs, c.attention_probs_dropout_prob, training)
+            probs = self._dropout(probs, c.attention_probs_dropout_prob, training, seed, 3 * i + 1)
             context = tf.reshape(tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3]), [B * L, c.hidden_size])
             attended = self._dropout(self._dense(context, p + "attention/output/dense"), c.hidden_dropout_prob,
-                                     training)
+                                     training, seed, 3 * i + 2)
             x = self._layer_norm(attended + x, p + "attention/output/LayerNorm")
             inner = self._act(self._dense(x, p + "intermediate/dense"))
-            out = self._dropout(self._dense(inner, p + "output/dense"), c.hidden_dropout_prob, training)
+            out = self._dropout(self._dense(inner, p + "output/dense"), c.hidden_dropout_prob, training, seed,
+                                3 * i + 3)
             x = self._layer_norm(out + x, p + "output/LayerNorm")
         return tf.reshape(x, [B, L, c.hidden_size])
 

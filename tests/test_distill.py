@@ -1,0 +1,83 @@
+"""distill: trains on cached labels, resumes exactly, stops on NaN, refuses mismatched labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import error_lines, run_cli
+
+pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def labels_dir(tmp_path_factory, labelled):
+    root = tmp_path_factory.mktemp("labelsdir")
+    (root / "train").mkdir()
+    for f in labelled.parent.iterdir():
+        shutil.copyfile(f, root / "train" / f.name)
+    return root
+
+
+def _args(teacher, labels, out, *extra):
+    return ["distill", "--teacher", str(teacher), "--labels", str(labels), "--output", str(out),
+            "--student-layers", "1", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "3",
+            "--warmup-steps", "2", *extra]
+
+
+def _summary(out):
+    return json.loads((out / "_MANIFEST.json").read_text())["summary"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_teacher, labels_dir):
+    out = tmp_path_factory.mktemp("ref") / "student"
+    proc = run_cli(*_args(tiny_teacher, labels_dir, out), check=True)
+    assert "distill: 6 steps" in proc.stdout
+    return out
+
+
+def test_trains_and_exports_the_student(reference):
+    summary = _summary(reference)
+    assert len(summary["losses"]) == 6 and all(np.isfinite(summary["losses"]))
+    assert summary["student_layers"] == 1 and summary["resumed_from"] == 0
+    config = json.loads((reference / "export" / "bert_config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 30522
+    assert (reference / "export" / "model.safetensors").stat().st_size > 1_000_000
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
+        "ckpt-0000003.safetensors", "ckpt-0000006.safetensors", "latest.json"]
+
+
+def test_a_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_teacher, labels_dir, reference):
+    """As if killed after the step-3 checkpoint: drop what came later, rerun, compare."""
+    out = tmp_path / "student"
+    shutil.copytree(reference, out)
+    (out / "_MANIFEST.json").unlink()
+    shutil.rmtree(out / "export")
+    (out / "checkpoints" / "ckpt-0000006.safetensors").unlink()
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    latest.update(step=3, file="checkpoints/ckpt-0000003.safetensors")
+    (out / "checkpoints" / "latest.json").write_text(json.dumps(latest))
+    run_cli(*_args(tiny_teacher, labels_dir, out), check=True)
+    resumed, uninterrupted = _summary(out), _summary(reference)
+    assert resumed["resumed_from"] == 3
+    np.testing.assert_allclose(resumed["losses"], uninterrupted["losses"], rtol=1e-5)
+
+
+def test_a_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teacher, labels_dir):
+    out = tmp_path / "student"
+    proc = run_cli(*_args(tiny_teacher, labels_dir, out, "--learning-rate", "1e30", "--checkpoint-every", "1",
+                          "--warmup-steps", "0"))
+    assert proc.returncode == 2, proc.stderr
+    [line] = error_lines(proc)
+    assert "the loss became" in line and "at step" in line and "last good checkpoint" in line
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert (out / latest["file"]).exists() and not (out / "_MANIFEST.json").exists()
+
+
+def test_labels_with_another_k_are_refused(tmp_path, tiny_teacher, labels_dir):
+    proc = run_cli(*_args(tiny_teacher, labels_dir, tmp_path / "s", "--top-k", "5"))
+    assert proc.returncode == 2 and "top-10 labels but top-5" in error_lines(proc)[0]
