@@ -108,7 +108,9 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_positive, default=10, help="k the labels must have been made with")
     p.add_argument("--steps", type=_positive, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=_positive, default=32, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=_positive, default=1,
+                   help="micro-batches per optimizer step over all ranks (a multiple of the rank count); "
+                   "global batch = batch-size x grad-accum at any scale")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
@@ -119,6 +121,9 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soft-nsp-weight", type=float, default=0.5, help="weight of KL on the teacher's NSP logits")
     p.add_argument("--checkpoint-every", type=_positive, default=100, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed: data order, dropout masks, random init")
+    p.add_argument("--lr-scaling", default="none", choices=("none", "linear"),
+                   help="multiply the learning rate by the number of ranks (linear) or not")
+    p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads per process (0: default)")
 
 
 # name -> (module under bertdistill.steps, params class, flag definer, help)

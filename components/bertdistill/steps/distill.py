@@ -13,8 +13,9 @@ latest one and, since data order and dropout masks are functions of (seed, step)
 the same loss curve. A NaN loss stops the run naming the step; the last good checkpoint
 stays. The trained student lands in <output>/export/ in the teacher folder layout.
 
-    bertdistill distill --teacher data/teachers/minilm-adapted --labels data/runs/X/labels/minilm-k10 \\
-        --output data/runs/X/students/s1 --student-layers 3 --steps 300
+    bertdistill distill --teacher T --labels LABELS --output OUT --student-layers 3 --steps 300
+    horovodrun -np 2 bertdistill distill ... --grad-accum 2          # 2 ranks, same global batch
+    mpirun -np 8 -H a:4,b:4 bertdistill distill ... --grad-accum 8   # 2 machines x 4 ranks
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bertdistill.errors import StepError
-from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import Folder, open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
@@ -60,6 +62,8 @@ class DistillParams:
     soft_nsp_weight: float = 0.5
     checkpoint_every: int = 100
     seed: int = 0
+    lr_scaling: str = "none"
+    threads: int = 0
     force: bool = False
 
     def validate(self) -> None:
@@ -67,6 +71,8 @@ class DistillParams:
             raise StepError(f"--student-init must be 'teacher' or 'random', got {self.student_init!r}")
         if min(self.steps, self.batch_size, self.grad_accum, self.checkpoint_every) < 1:
             raise StepError("--steps, --batch-size, --grad-accum and --checkpoint-every must be at least 1")
+        if self.lr_scaling not in ("none", "linear"):
+            raise StepError(f"--lr-scaling must be 'none' or 'linear', got {self.lr_scaling!r}")
         if self.temperature <= 0:
             raise StepError(f"--temperature must be positive, got {self.temperature}")
 
@@ -82,43 +88,66 @@ def _label_shards(params: DistillParams, vocab_sha256: str) -> tuple[list[str], 
     return [folder.child_uri(n) for n in names], infos[0]
 
 
-def run(params: DistillParams) -> Manifest:
-    params.validate()
-    output = open_folder(params.output)
-    fingerprint = {k: v for k, v in asdict(params).items() if k not in ("teacher", "labels", "output", "force")}
-    fingerprint["schema"] = 1
+def run(params: DistillParams) -> Manifest | None:
+    """On rank 0: the step, manifest and export included. On other ranks: training in lockstep,
+    writing nothing (they return None)."""
+    from bertdistill.parallel import init_world
 
-    def work(writer: OutputWriter) -> dict:
-        from bertdistill.bert.checkpoints import load_teacher
+    params.validate()
+    world = init_world()
+    if params.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(params.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(params.threads)
+    if not world.master:
+        logging.getLogger("bertdistill").setLevel(logging.WARNING)
+    output = open_folder(params.output)
+    fingerprint = {k: v for k, v in asdict(params).items() if k not in ("teacher", "labels", "output", "force",
+                                                                          "threads")}
+    fingerprint["schema"] = 1
+    inputs = {"teacher": params.teacher, "labels": params.labels}
+
+    def work(writer: OutputWriter | None) -> dict:
+        from bertdistill.bert.checkpoints import load_teacher, save_teacher
 
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
             vocab_bytes = (local / "vocab.txt").read_bytes()
         shards, info = _label_shards(params, vocab.sha256)
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-            paths = _stage(shards, Path(tmp))
-            summary, config, weights = _train(params, teacher_config, teacher_weights, paths, info, output,
-                                              fingerprint)
+            summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, info, output,
+                                              fingerprint, Path(tmp))
+            if writer is None:
+                return summary
             export = Path(tmp) / "export"
-            from bertdistill.bert.checkpoints import save_teacher
-
             (Path(tmp) / "vocab.txt").write_bytes(vocab_bytes)
             save_teacher(export, config, weights, Path(tmp) / "vocab.txt")
             for name in sorted(p.name for p in export.iterdir()):
                 writer.write_bytes(f"export/{name}", (export / name).read_bytes())
-        print(f"distill: {summary['steps']} steps, {summary['student_layers']}-layer student "
+        print(f"distill: {summary['steps']} steps on {world.size} rank(s), {summary['student_layers']}-layer student "
               f"({summary['student_parameters'] / 1e6:.1f} M parameters), final loss {summary['final_loss']:.3f} "
               f"in {summary['seconds']:.0f} s -> {output.child_uri('export')}")
         return summary
 
-    return run_step("distill", fingerprint, {"teacher": params.teacher, "labels": params.labels}, output, work,
-                    force=params.force)
+    if world.master:
+        return run_step("distill", fingerprint, inputs, output, work, force=params.force)
+    if params.force or find_done("distill", fingerprint, inputs, output)[1] is None:
+        work(None)
+    return None
 
 
-def _stage(uris: list[str], tmp: Path) -> list[str]:
-    from bertdistill.steps.adapt_teacher import _stage_all
-
-    return _stage_all(uris, tmp)
+def _label_groups(shards: list[str], world, micro_batches: int) -> list[list[str]]:
+    """Shards of each global micro-batch g: shards[g::G]. The same at any number of ranks, so a
+    2-rank run sees the data a 1-rank run with the same global batch sees."""
+    if micro_batches % world.size:
+        raise StepError(f"--grad-accum {micro_batches} (micro-batches per step, over all ranks) is not a multiple "
+                        f"of the {world.size} ranks")
+    if len(shards) < micro_batches:
+        raise StepError(f"{len(shards)} labelled train shard(s) for {micro_batches} micro-batches per step over "
+                        f"{world.size} rank(s): each reads its own shards, so make at least {micro_batches} shards "
+                        "(build-corpus --train-shards) or use fewer ranks")
+    return [shards[g::micro_batches] for g in range(micro_batches)]
 
 
 def _student(params: DistillParams, teacher_config, teacher_weights):
@@ -134,26 +163,34 @@ def _student(params: DistillParams, teacher_config, teacher_weights):
     return config, weights
 
 
-def _train(params: DistillParams, teacher_config, teacher_weights, paths: list[str], info: dict, output: Folder,
-           fingerprint: dict):
+def _train(params: DistillParams, world, teacher_config, teacher_weights, shards: list[str], info: dict,
+           output: Folder, fingerprint: dict, tmp: Path):
+    import hashlib
+
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
     from bertdistill.losses import masked_lm_loss, next_sentence_loss, soft_mlm_loss, soft_next_sentence_loss
     from bertdistill.optim import AdamW
+    from bertdistill.steps.adapt_teacher import _stage_all
     from bertdistill.tfdata import labelled_dataset
 
+    G = params.grad_accum
+    groups = _label_groups(shards, world, G)
+    mine = range(world.rank * G // world.size, (world.rank + 1) * G // world.size)
     config, init = _student(params, teacher_config, teacher_weights)
     model = Bert(config, seed=params.seed)
     if init is not None:
         model.assign(init)
     variables = list(model.weights.values())
-    optimizer = AdamW(model.weights, params.learning_rate, params.warmup_steps, params.steps, params.weight_decay)
+    lr = params.learning_rate * (world.size if params.lr_scaling == "linear" else 1)
+    optimizer = AdamW(model.weights, lr, params.warmup_steps, params.steps, params.weight_decay)
     history: list[float] = []
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
+    world.broadcast(variables + optimizer.m + optimizer.v)
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
-    data = iter(labelled_dataset(paths, L, P, params.top_k, params.batch_size, shuffle=True, repeat=True,
-                                 seed=params.seed).skip(start * params.grad_accum))
+    data = {g: iter(labelled_dataset(_stage_all(groups[g], tmp), L, P, params.top_k, params.batch_size,
+                                     shuffle=True, repeat=True, seed=params.seed + g).skip(start)) for g in mine}
     T = params.temperature
 
     @tf.function
@@ -167,36 +204,45 @@ def _train(params: DistillParams, teacher_config, teacher_weights, paths: list[s
                     + params.hard_mlm_weight * masked_lm_loss(logits, b["masked_lm_ids"], b["masked_lm_weights"])
                     + params.nsp_weight * next_sentence_loss(nsp, b["next_sentence_labels"][:, 0])
                     + params.soft_nsp_weight * soft_next_sentence_loss(nsp, b["teacher_nsp_logits"], T))
-        return loss, tape.gradient(loss, variables)
+        # Averaged over the ranks here (Horovod's allreduce); over this rank's micro-batches below.
+        return loss, world.tape(tape).gradient(loss, variables)
 
     @tf.function
     def apply(grads):
         return optimizer.apply(grads)
 
     progress = Progress(log, "distill", params.steps)
+    step_seconds: list[float] = []
     for step in range(start + 1, params.steps + 1):
-        total, accumulated = 0.0, None
-        for micro in range(params.grad_accum):
-            loss, grads = grads_of(next(data), tf.constant([params.seed, step * params.grad_accum + micro], tf.int64))
-            grads = [tf.convert_to_tensor(g) / params.grad_accum for g in grads]
-            accumulated = grads if accumulated is None else [a + g for a, g in zip(accumulated, grads, strict=True)]
-            total += float(loss) / params.grad_accum
+        began = time.perf_counter()
+        local_loss, accumulated = 0.0, None
+        for g in mine:
+            loss, grads = grads_of(next(data[g]), tf.constant([params.seed, step * G + g], tf.int64))
+            grads = [tf.convert_to_tensor(x) / len(mine) for x in grads]
+            accumulated = grads if accumulated is None else [a + x for a, x in zip(accumulated, grads, strict=True)]
+            local_loss += float(loss) / len(mine)
+        total = world.mean(local_loss)
         if not math.isfinite(total):
             raise StepError(f"distill: the loss became {total} at step {step}; stopped. The last good checkpoint "
                             f"(step {last_checkpoint}) is kept in {output.child_uri(CHECKPOINTS)}; lower "
                             "--learning-rate or check the labels")
         apply(accumulated)
         history.append(total)
-        if step % params.checkpoint_every == 0 or step == params.steps:
+        step_seconds.append(round(time.perf_counter() - began, 4))
+        if world.master and (step % params.checkpoint_every == 0 or step == params.steps):
             _checkpoint(output, model, optimizer, step, history, fingerprint)
             last_checkpoint = step
         if step % 25 == 0 or step == params.steps:
             log.info("distill: step %d/%d loss %.4f", step, params.steps, total)
         progress.update(step, " steps")
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in variables)).hexdigest()
     summary = {"steps": params.steps, "resumed_from": start, "losses": [round(x, 6) for x in history],
                "final_loss": float(np.mean(history[-10:])), "seconds": round(progress.elapsed, 1),
+               "step_seconds": step_seconds,
                "student_layers": config.num_hidden_layers, "student_parameters": model.parameter_count(),
-               "student_config": asdict(config)}
+               "student_config": asdict(config), "ranks": world.size,
+               "weights_sha256_per_rank": world.gather(digest),
+               "shards_per_rank": world.gather(sorted(s for g in mine for s in groups[g]))}
     return summary, config, model.numpy_weights()
 
 
