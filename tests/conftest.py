@@ -87,28 +87,14 @@ def seaweed(tmp_path_factory):
     config.write_text(json.dumps({"identities": [{
         "name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    port = free_port()
-    ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
-    command = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.telemetry=false", f"-s3.port={port}", f"-s3.config={config}", "-s3.port.iceberg=0",
-               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-               f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-webdav=false"]
-    (root / "data").mkdir()
-    with open(root / "weed.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"BERTDISTILL_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": S3_KEY,
-           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = None
+    for attempt in range(3):  # a port picked free can be taken before weed binds it: try afresh
+        proc, env = _start_weed(weed, root / f"try{attempt}", config)
+        if env is not None:
+            break
+    if env is None:
+        raise RuntimeError(f"weed mini did not start three times: see {root}/try*/weed.log")
     try:
-        client = _s3_client(env)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket="bertdistill-test")
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"weed mini did not start: see {root / 'weed.log'}") from None
-                time.sleep(0.5)
         yield env
     finally:
         proc.terminate()
@@ -116,6 +102,39 @@ def seaweed(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _start_weed(weed: str, root: Path, config: Path):
+    """(process, environment) of a started `weed mini`, or (None, None) if it died starting.
+
+    Every port is given explicitly: left to itself weed derives gRPC ports as port + 10000,
+    which can land on a port already in use.
+    """
+    names = ("s3", "s3.port.grpc", "master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
+             "filer.port.grpc", "admin", "admin.port.grpc", "s3.port.lance")
+    ports = {}
+    while len(set(ports.values())) < len(names):
+        ports = {name: free_port() for name in names}
+    flags = [f"-{name}.port={ports[name]}" if "." not in name else f"-{name}={ports[name]}" for name in names]
+    (root / "data").mkdir(parents=True)
+    command = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.telemetry=false", f"-s3.config={config}", "-s3.port.iceberg=0", "-webdav=false", *flags]
+    with open(root / "weed.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"BERTDISTILL_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": S3_KEY,
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    client = _s3_client(env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="bertdistill-test")
+            return proc, env
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                return None, None
+            time.sleep(0.5)
 
 
 def _s3_client(env: dict):

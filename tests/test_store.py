@@ -6,7 +6,8 @@ import pytest
 
 from bertdistill.errors import StepError
 from bertdistill.manifest import read_manifest, run_step
-from bertdistill.store import LocalFolder, S3Folder, open_folder, split_uri
+from bertdistill.s3store import S3Folder
+from bertdistill.store import LocalFolder, open_folder, split_uri
 from tests.conftest import error_lines, run_cli
 
 

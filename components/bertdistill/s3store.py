@@ -1,0 +1,163 @@
+"""The s3:// backend of store.py: boto3, with S3's errors turned into clear StepErrors.
+
+An object becomes visible only when its upload completes, so uploads go straight to the
+final key from a local scratch file, carrying their sha256 in the object metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from bertdistill.errors import StepError
+from bertdistill.store import TEMP_MARK, Folder, scratch_dir
+
+
+class S3Folder(Folder):
+    def __init__(self, bucket: str, prefix: str, client=None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def join(self, *parts: str) -> S3Folder:
+        prefix = "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+        return S3Folder(self.bucket, prefix, self._client)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # botocore's exceptions, translated for humans
+            raise _explain_s3_error(exc, what, self.bucket) from exc
+
+    def _head(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+        except Exception as exc:
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+
+    def exists(self, name: str) -> bool:
+        return self._head(name) is not None
+
+    def size(self, name: str) -> int:
+        head = self._head(name)
+        if head is None:
+            raise StepError(f"{self.child_uri(name)} does not exist: check the URI")
+        return int(head["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        names = []
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=base + prefix)
+        for page in self._call(f"listing {self.uri}", list, pages):
+            for obj in page.get("Contents", []):
+                names.append(obj["Key"][len(base) :])
+        return sorted(names)
+
+    def open_read(self, name: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise StepError(f"{self.child_uri(name)} does not exist: check the URI") from None
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+        except Exception as exc:
+            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+
+    def delete(self, name: str) -> None:
+        self._call(f"deleting {self.child_uri(name)}", self.client.delete_object,
+                   Bucket=self.bucket, Key=self._key(name))
+
+    def _stored_sha256(self, name: str) -> str | None:
+        head = self._head(name)
+        return (head or {}).get("Metadata", {}).get("sha256")
+
+    def _temp_path(self, name: str) -> Path:
+        return scratch_dir() / "uploads" / f"{uuid.uuid4().hex}{TEMP_MARK}{Path(name).name}"
+
+    def _commit(self, temp: Path, name: str, sha256: str) -> None:
+        self._call(f"writing {self.child_uri(name)}", self.client.upload_file, str(temp), self.bucket,
+                   self._key(name), ExtraArgs={"Metadata": {"sha256": sha256}})
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        staged = scratch_dir() / "downloads" / f"{uuid.uuid4().hex}-{Path(name).name}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if not self.exists(name):
+            raise StepError(f"{self.child_uri(name)} does not exist: check the URI")
+        try:
+            self._call(f"reading {self.child_uri(name)}", self.client.download_file, self.bucket,
+                       self._key(name), str(staged))
+            yield staged
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        self._call(f"opening {self.uri}", self.client.head_bucket, Bucket=self.bucket)
+
+    def remove_stale_temps(self, only: str | None = None) -> None:
+        """Interrupted uploads never become objects, so there is nothing to clean on S3."""
+
+
+def s3_client():
+    """A boto3 S3 client configured from the standard AWS environment and config files.
+
+    BERTDISTILL_S3_ENDPOINT_URL (or boto3's own AWS_ENDPOINT_URL[_S3]) points it at an
+    S3-compatible server; those usually want path-style addressing. Timeouts are short so
+    an unreachable endpoint fails in seconds instead of minutes.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("BERTDISTILL_S3_ENDPOINT_URL") or None
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _explain_s3_error(exc: Exception, what: str, bucket: str) -> Exception:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, StepError):
+        return exc
+    if isinstance(exc, EndpointConnectionError):
+        return StepError(f"{what}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}); "
+                         "check BERTDISTILL_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the network")
+    if isinstance(exc, NoCredentialsError):
+        return StepError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY or an AWS profile")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return StepError(f"{what}: bucket {bucket!r} does not exist; create it or fix the URI")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            return StepError(f"{what}: the S3 server rejected the credentials ({code}); check "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+        return StepError(f"{what}: S3 error {code}: {exc}")
+    return exc
