@@ -81,3 +81,21 @@ def test_a_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_labels_with_another_k_are_refused(tmp_path, tiny_teacher, labels_dir):
     proc = run_cli(*_args(tiny_teacher, labels_dir, tmp_path / "s", "--top-k", "5"))
     assert proc.returncode == 2 and "top-10 labels but top-5" in error_lines(proc)[0]
+
+
+def test_evaluate_reports_student_teacher_and_baseline(tmp_path, tiny_teacher, labelled, reference):
+    out = tmp_path / "report"
+    proc = run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(reference), "--heldout",
+                   str(labelled.parent), "--output", str(out), "--max-examples", "512", "--latency-batch", "4",
+                   check=True)
+    assert "most-frequent-token baseline" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["positions"] > 5000 and report["examples"] >= 512
+    for who in ("student", "teacher", "baseline"):
+        assert 0 <= report[who]["mlm_accuracy"] <= 1
+    # The baseline always answers the most frequent held-out token; it cannot beat its own share.
+    assert 0.02 < report["baseline"]["mlm_accuracy"] < 0.2
+    assert report["baseline"]["mlm_accuracy_outside_top10"] == 0.0
+    assert report["student"]["layers"] == 1 and report["student"]["kl_from_teacher"] >= 0
+    assert report["teacher"]["latency_encoder_s"] > 0 and report["speedup_encoder"] > 0
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

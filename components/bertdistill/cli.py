@@ -126,6 +126,17 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads per process (0: default)")
 
 
+def _evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher folder URI (the one that made the labels)")
+    p.add_argument("--student", required=True, help="student folder URI (distill's output, with export/)")
+    p.add_argument("--heldout", required=True, help="folder URI of the held-out labelled shards")
+    p.add_argument("--output", required=True, help="report folder URI (report.json, report.png)")
+    p.add_argument("--top-k", type=_positive, default=10, help="k the labels must have been made with")
+    p.add_argument("--batch-size", type=_positive, default=64, help="examples per evaluation batch")
+    p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples (0: all)")
+    p.add_argument("--latency-batch", type=_positive, default=32, help="batch size of the latency measurement")
+
+
 # name -> (module under bertdistill.steps, params class, flag definer, help)
 STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] = {
     "fetch-dump": ("fetch_dump", "FetchDumpParams", _fetch_dump,
@@ -142,6 +153,7 @@ STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]
     "label-teacher": ("label_teacher", "LabelTeacherParams", _label_teacher,
                       "example shard -> the same examples + the teacher's top-k and NSP outputs"),
     "distill": ("distill", "DistillParams", _distill, "train a student on the cached teacher labels"),
+    "evaluate": ("evaluate", "EvaluateParams", _evaluate, "student vs teacher on the held-out labelled shards"),
 }
 
 
