@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -257,3 +258,20 @@ def split_uri(uri: str) -> tuple[Folder, str]:
     if text.startswith("s3://") and head.count("/") < 2:
         head += "/"
     return open_folder(head), name
+
+
+def stage_locally(uris: list[str], tmp: Path) -> list[str]:
+    """Local paths for files given by URI: local files as they are, remote ones copied into `tmp`
+    (for readers such as tf.data that take paths)."""
+    paths = []
+    for i, uri in enumerate(uris):
+        folder, name = split_uri(uri)
+        local = getattr(folder, "path", None)
+        if local is not None:
+            paths.append(str(local / name))
+            continue
+        with folder.local_copy(name) as path:
+            dest = tmp / f"{i:05d}-{name}"
+            shutil.copyfile(path, dest)
+            paths.append(str(dest))
+    return paths

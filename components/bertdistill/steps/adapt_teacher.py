@@ -24,7 +24,7 @@ from pathlib import Path
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
-from bertdistill.store import open_folder, scratch_dir
+from bertdistill.store import open_folder, scratch_dir, stage_locally
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def run(params: AdaptTeacherParams) -> Manifest:
                 raise StepError(f"{params.examples} was made with another vocab than teacher {params.teacher}: "
                                 "remake the examples with the teacher's vocab.txt")
             with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-                staged = _stage_all(train + heldout, Path(tmp))
+                staged = stage_locally(train + heldout, Path(tmp))
                 summary, adapted = _adapt(config, weights, staged[: len(train)], staged[len(train) :], info, params)
                 save_teacher(Path(tmp) / "out", config, adapted, vocab_path)
                 for name in sorted(p.name for p in (Path(tmp) / "out").iterdir()):
@@ -87,23 +87,6 @@ def run(params: AdaptTeacherParams) -> Manifest:
 
     return run_step("adapt-teacher", fingerprint, {"teacher": params.teacher, "examples": params.examples},
                     open_folder(params.output), work, force=params.force)
-
-
-def _stage_all(uris: list[str], tmp: Path) -> list[str]:
-    from bertdistill.store import split_uri
-
-    paths = []
-    for i, uri in enumerate(uris):
-        folder, name = split_uri(uri)
-        local = getattr(folder, "path", None)
-        if local is not None:
-            paths.append(str(local / name))
-            continue
-        with folder.local_copy(name) as path:
-            dest = tmp / f"{i:05d}-{name}"
-            shutil.copyfile(path, dest)
-            paths.append(str(dest))
-    return paths
 
 
 def evaluate_mlm(model, paths: list[str], info: dict, limit: int, batch_size: int = 64) -> float:

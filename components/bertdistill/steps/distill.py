@@ -33,7 +33,7 @@ import numpy as np
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
-from bertdistill.store import Folder, open_folder, scratch_dir
+from bertdistill.store import Folder, open_folder, scratch_dir, stage_locally
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,6 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     from bertdistill.bert.model import Bert
     from bertdistill.losses import masked_lm_loss, next_sentence_loss, soft_mlm_loss, soft_next_sentence_loss
     from bertdistill.optim import AdamW
-    from bertdistill.steps.adapt_teacher import _stage_all
     from bertdistill.tfdata import labelled_dataset
 
     G = params.grad_accum
@@ -189,7 +188,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
     world.broadcast(variables + optimizer.m + optimizer.v)
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
-    data = {g: iter(labelled_dataset(_stage_all(groups[g], tmp), L, P, params.top_k, params.batch_size,
+    data = {g: iter(labelled_dataset(stage_locally(groups[g], tmp), L, P, params.top_k, params.batch_size,
                                      shuffle=True, repeat=True, seed=params.seed + g).skip(start)) for g in mine}
     T = params.temperature
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
-from bertdistill.store import open_folder, scratch_dir
+from bertdistill.store import open_folder, scratch_dir, stage_locally
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ def run(params: EvaluateParams) -> Manifest:
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
-        from bertdistill.steps.adapt_teacher import _stage_all
         from bertdistill.steps.label_teacher import open_labels
 
         with staged_teacher(params.teacher) as local:
@@ -69,7 +68,7 @@ def run(params: EvaluateParams) -> Manifest:
         for name in names[1:]:
             open_labels(folder.child_uri(name), vocab.sha256, params.top_k)
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-            paths = _stage_all([folder.child_uri(n) for n in names], Path(tmp))
+            paths = stage_locally([folder.child_uri(n) for n in names], Path(tmp))
             report = evaluate(student_config, student_weights, teacher_config, teacher_weights, paths, info, params)
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             chart(report, Path(tmp) / "report.png")
