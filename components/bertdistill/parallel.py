@@ -2,7 +2,7 @@
 
 A process is a Horovod rank when horovodrun (HOROVOD_RANK) or mpirun (OMPI_COMM_WORLD_RANK,
 PMI_RANK) launched it; otherwise it is rank 0 of 1 and Horovod is not even imported. Only
-`horovod.tensorflow` is used: under Keras 3, `horovod.tensorflow.keras`'s optimizer skips
+`horovod.tensorflow` is used: under Keras 3, Horovod's Keras wrapper optimizer skips
 the allreduce without any error.
 """
 
