@@ -141,14 +141,12 @@ class _TrackedWrite:
 
 
 def find_done(step: str, params: dict[str, Any], inputs: dict[str, str], output: Folder,
-              output_file: str | None = None) -> tuple[Manifest, Manifest | None]:
-    """(the manifest this work would write, the matching one already committed or None)."""
+              output_file: str | None = None) -> tuple[Manifest, Manifest | None, bool]:
+    """(the manifest this work would write, the one already committed or None, whether it matches)."""
     output.check()
     wanted = Manifest(step, params, {role: f"{uri} {input_fingerprint(uri)}" for role, uri in inputs.items()})
     done = read_manifest(output, manifest_name(output_file))
-    if done and done.same_work(wanted) and _outputs_intact(output, done):
-        return wanted, done
-    return wanted, None
+    return wanted, done, bool(done and done.same_work(wanted) and _outputs_intact(output, done))
 
 
 def run_step(
@@ -167,13 +165,12 @@ def run_step(
     input that changes under the same URI reruns the step. On any failure every file the
     run committed is deleted again: nothing half-written is left under the output.
     """
-    wanted, done = find_done(step, params, inputs, output, output_file)
+    wanted, done, matches = find_done(step, params, inputs, output, output_file)
     mname = manifest_name(output_file)
-    if done and not force:
+    if matches and not force:
         log.info("%s: skipped, %s already matches these inputs and parameters (use --force to rerun)",
                  step, output.child_uri(mname))
         return done
-    done = read_manifest(output, mname)
     if done:
         output.delete(mname)  # from here on the folder is "not done" until the new manifest lands
     output.remove_stale_temps(output_file)

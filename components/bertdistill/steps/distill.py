@@ -132,7 +132,7 @@ def run(params: DistillParams) -> Manifest | None:
 
     if world.master:
         return run_step("distill", fingerprint, inputs, output, work, force=params.force)
-    if params.force or find_done("distill", fingerprint, inputs, output)[1] is None:
+    if params.force or not find_done("distill", fingerprint, inputs, output)[2]:
         work(None)
     return None
 

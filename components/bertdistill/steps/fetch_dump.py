@@ -164,7 +164,9 @@ def run(params: FetchDumpParams) -> Manifest:
     def work(writer: OutputWriter) -> dict:
         started, total = time.monotonic(), 0
         for name in files:
-            _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer)
+            size = status["jobs"]["articlesdump"]["files"][name].get("size")
+            _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer,
+                               int(size) if size is not None else None)
             writer.note(name, sha1=sums[name])
             total += writer.files[name]["bytes"]
         seconds = time.monotonic() - started
@@ -178,11 +180,10 @@ def run(params: FetchDumpParams) -> Manifest:
 
 
 def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: str, dest_uri: str,
-                       writer: OutputWriter) -> None:
+                       writer: OutputWriter, expected_size: int | None) -> None:
     """Download to a resumable .part file, check its sha1, then commit it into the store."""
     part = scratch_dir() / "partial" / (hashlib.sha1(dest_uri.encode()).hexdigest()[:16] + "-" + name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    expected_size = _expected_size(mirror, wiki, date, name)
     for attempt in range(1, ATTEMPTS + 1):
         have = part.stat().st_size if part.exists() else 0
         try:
@@ -209,12 +210,6 @@ def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: st
 
 class _Interrupted(Exception):
     pass
-
-
-def _expected_size(mirror: Mirror, wiki: str, date: str, name: str) -> int | None:
-    status = json.loads(mirror.read(wiki, date, "dumpstatus.json"))
-    size = status["jobs"]["articlesdump"]["files"].get(name, {}).get("size")
-    return int(size) if size is not None else None
 
 
 def _append_from(mirror: Mirror, parts: tuple[str, ...], part: Path, have: int, expected: int | None) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, manifest_name, read_manifest, run_step
 from bertdistill.progress import Progress
-from bertdistill.records import LABEL_FEATURE, append_bytes_feature, encode_labels, pretraining_shapes
+from bertdistill.records import LABEL_FEATURE, append_bytes_feature, encode_labels
 from bertdistill.store import split_uri
 from bertdistill.teachers import staged_teacher, teacher_identity
 from bertdistill.tfrecord import frame
@@ -113,14 +113,14 @@ def _label(path: str, out_path, config, weights, info: dict, params: LabelTeache
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
+    from bertdistill.tfdata import pretraining_spec
 
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
     gpu, dtype = accelerator()
     model = Bert(config, compute_dtype=tf.dtypes.as_dtype(dtype))
     model.assign(weights)
     labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
-    spec = {name: tf.io.FixedLenFeature([n], tf.int64 if kind == "int64" else tf.float32)
-            for name, (kind, n) in pretraining_shapes(L, P).items()}
+    spec = pretraining_spec(L, P)
     dataset = (tf.data.TFRecordDataset(path).batch(params.batch_size)
                .map(lambda raw: (raw, tf.io.parse_example(raw, spec)), num_parallel_calls=2)
                .prefetch(2))
