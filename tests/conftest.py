@@ -194,3 +194,28 @@ def labelled(tmp_path_factory, tiny_teacher, small_examples):
     run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(small_examples), "--output", str(out),
             "--top-k", "10", check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def labels_dir(tmp_path_factory, labelled):
+    """A labels folder as distill reads it: train/ holding the labelled shard."""
+    root = tmp_path_factory.mktemp("labelsdir")
+    (root / "train").mkdir()
+    for f in labelled.parent.iterdir():
+        shutil.copyfile(f, root / "train" / f.name)
+    return root
+
+
+def distill_args(teacher, labels, out, *extra) -> list[str]:
+    """A 1-layer student, 6 steps of 8 examples, checkpoints at 3 and 6."""
+    return ["distill", "--teacher", str(teacher), "--labels", str(labels), "--output", str(out),
+            "--student-layers", "1", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "3",
+            "--warmup-steps", "2", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, tiny_teacher, labels_dir):
+    out = tmp_path_factory.mktemp("ref") / "student"
+    proc = run_cli(*distill_args(tiny_teacher, labels_dir, out), check=True)
+    assert "distill: 6 steps" in proc.stdout
+    return out

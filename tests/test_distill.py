@@ -8,68 +8,45 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import error_lines, run_cli
+from tests.conftest import distill_args, error_lines, run_cli
 
 pytest.importorskip("tensorflow")
-
-
-@pytest.fixture(scope="module")
-def labels_dir(tmp_path_factory, labelled):
-    root = tmp_path_factory.mktemp("labelsdir")
-    (root / "train").mkdir()
-    for f in labelled.parent.iterdir():
-        shutil.copyfile(f, root / "train" / f.name)
-    return root
-
-
-def _args(teacher, labels, out, *extra):
-    return ["distill", "--teacher", str(teacher), "--labels", str(labels), "--output", str(out),
-            "--student-layers", "1", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "3",
-            "--warmup-steps", "2", *extra]
 
 
 def _summary(out):
     return json.loads((out / "_MANIFEST.json").read_text())["summary"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_teacher, labels_dir):
-    out = tmp_path_factory.mktemp("ref") / "student"
-    proc = run_cli(*_args(tiny_teacher, labels_dir, out), check=True)
-    assert "distill: 6 steps" in proc.stdout
-    return out
-
-
-def test_trains_and_exports_the_student(reference):
-    summary = _summary(reference)
+def test_trains_and_exports_the_student(tiny_student):
+    summary = _summary(tiny_student)
     assert len(summary["losses"]) == 6 and all(np.isfinite(summary["losses"]))
     assert summary["student_layers"] == 1 and summary["resumed_from"] == 0
-    config = json.loads((reference / "export" / "bert_config.json").read_text())
+    config = json.loads((tiny_student / "export" / "bert_config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 30522
-    assert (reference / "export" / "model.safetensors").stat().st_size > 1_000_000
-    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
+    assert (tiny_student / "export" / "model.safetensors").stat().st_size > 1_000_000
+    assert sorted(p.name for p in (tiny_student / "checkpoints").iterdir()) == [
         "ckpt-0000003.safetensors", "ckpt-0000006.safetensors", "latest.json"]
 
 
-def test_a_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_teacher, labels_dir, reference):
+def test_a_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_teacher, labels_dir, tiny_student):
     """As if killed after the step-3 checkpoint: drop what came later, rerun, compare."""
     out = tmp_path / "student"
-    shutil.copytree(reference, out)
+    shutil.copytree(tiny_student, out)
     (out / "_MANIFEST.json").unlink()
     shutil.rmtree(out / "export")
     (out / "checkpoints" / "ckpt-0000006.safetensors").unlink()
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     latest.update(step=3, file="checkpoints/ckpt-0000003.safetensors")
     (out / "checkpoints" / "latest.json").write_text(json.dumps(latest))
-    run_cli(*_args(tiny_teacher, labels_dir, out), check=True)
-    resumed, uninterrupted = _summary(out), _summary(reference)
+    run_cli(*distill_args(tiny_teacher, labels_dir, out), check=True)
+    resumed, uninterrupted = _summary(out), _summary(tiny_student)
     assert resumed["resumed_from"] == 3
     np.testing.assert_allclose(resumed["losses"], uninterrupted["losses"], rtol=1e-5)
 
 
 def test_a_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teacher, labels_dir):
     out = tmp_path / "student"
-    proc = run_cli(*_args(tiny_teacher, labels_dir, out, "--learning-rate", "1e30", "--checkpoint-every", "1",
+    proc = run_cli(*distill_args(tiny_teacher, labels_dir, out, "--learning-rate", "1e30", "--checkpoint-every", "1",
                           "--warmup-steps", "0"))
     assert proc.returncode == 2, proc.stderr
     [line] = error_lines(proc)
@@ -79,13 +56,13 @@ def test_a_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_labels_with_another_k_are_refused(tmp_path, tiny_teacher, labels_dir):
-    proc = run_cli(*_args(tiny_teacher, labels_dir, tmp_path / "s", "--top-k", "5"))
+    proc = run_cli(*distill_args(tiny_teacher, labels_dir, tmp_path / "s", "--top-k", "5"))
     assert proc.returncode == 2 and "top-10 labels but top-5" in error_lines(proc)[0]
 
 
-def test_evaluate_reports_student_teacher_and_baseline(tmp_path, tiny_teacher, labelled, reference):
+def test_evaluate_reports_student_teacher_and_baseline(tmp_path, tiny_teacher, labelled, tiny_student):
     out = tmp_path / "report"
-    proc = run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(reference), "--heldout",
+    proc = run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--heldout",
                    str(labelled.parent), "--output", str(out), "--max-examples", "512", "--latency-batch", "4",
                    check=True)
     assert "most-frequent-token baseline" in proc.stdout

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from bertdistill import __version__
+from bertdistill import __version__, tracking
 from bertdistill.errors import StepError
 from bertdistill.steps.fetch_dump import DEFAULT_MIRROR
 from bertdistill.steps.fetch_teacher import GOOGLE_BERT_BASE_UNCASED
@@ -137,6 +137,12 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-batch", type=_positive, default=32, help="batch size of the latency measurement")
 
 
+def _publish(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="student folder URI (distill's output); writes savedmodel/ there")
+    p.add_argument("--report", required=True, help="evaluate's output folder URI for this student")
+    p.add_argument("--model-name", default="bertdistill-student", help="registered model name in MLflow")
+
+
 # name -> (module under bertdistill.steps, params class, flag definer, help)
 STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] = {
     "fetch-dump": ("fetch_dump", "FetchDumpParams", _fetch_dump,
@@ -154,6 +160,8 @@ STEPS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], str]
                       "example shard -> the same examples + the teacher's top-k and NSP outputs"),
     "distill": ("distill", "DistillParams", _distill, "train a student on the cached teacher labels"),
     "evaluate": ("evaluate", "EvaluateParams", _evaluate, "student vs teacher on the held-out labelled shards"),
+    "publish": ("publish", "PublishParams", _publish,
+                "student -> SavedModel, registered in MLflow; alias 'champion' moves only if better"),
 }
 
 
@@ -182,10 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     params_cls = getattr(module, params_name)
     fields = params_cls.__dataclass_fields__
     params = params_cls(**{k: v for k, v in vars(args).items() if k in fields})
+    output = getattr(params, "output", None)
     try:
-        module.run(params)
+        manifest = module.run(params)
     except StepError as exc:
         print(f"error: {args.step}: {exc}", file=sys.stderr)
+        tracking.log_failure(args.step, str(exc), output)
+        return 2
+    if manifest is None:  # a Horovod rank other than 0: rank 0 logs
+        return 0
+    try:
+        tracking.log_step(args.step, manifest, output)
+    except Exception as exc:  # the work is committed; a rerun skips it and logs again
+        print(f"error: {args.step}: finished, but logging to MLflow failed: {tracking.registry_error(exc, 'logging')}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,176 @@
+"""publish: the student as a SavedModel, registered in MLflow; `champion` moves only if better.
+
+Serving needs neither this package nor its weight format, so the student becomes a
+SavedModel with one signature, `serving_default`: input_ids, input_mask, segment_ids
+(int32 [batch, seq]) -> mlm_logits [batch, seq, vocab], nsp_logits [batch, 2], pooled_output
+[batch, hidden]. It is reloaded and checked against the model it came from before anything
+is written. The SavedModel lands in <student>/savedmodel/, and in MLflow as the `model` of
+this step's run, registered under --model-name. The registry's alias `champion` moves to the
+new version only when its held-out masked-LM accuracy (from evaluate's report, which must be
+about this student) beats the current champion's; a tie keeps the incumbent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bertdistill.errors import StepError
+from bertdistill.manifest import FOLDER_MANIFEST, Manifest, OutputWriter, read_manifest, run_step
+from bertdistill.store import open_folder, scratch_dir
+from bertdistill.teachers import staged_teacher
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+ACCURACY_TAG = "heldout_mlm_accuracy"
+SAVEDMODEL = "savedmodel"
+
+
+@dataclass
+class PublishParams:
+    student: str
+    report: str
+    model_name: str = "bertdistill-student"
+    force: bool = False
+
+    @property
+    def output(self) -> str:
+        return open_folder(self.student).child_uri(SAVEDMODEL)
+
+
+def run(params: PublishParams) -> Manifest:
+    output = open_folder(params.output)
+    report = _report_about(params)
+    fingerprint = {"model_name": params.model_name, "schema": 1}
+
+    def work(writer: OutputWriter) -> dict:
+        export_uri = open_folder(params.student).child_uri("export")
+        with staged_teacher(export_uri) as local, tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
+            from bertdistill.bert.checkpoints import load_teacher
+
+            config, weights, _ = load_teacher(local, export_uri)
+            saved = Path(tmp) / SAVEDMODEL
+            module = export_savedmodel(config, weights, saved)
+            for path in sorted(p for p in saved.rglob("*") if p.is_file()):
+                writer.write_bytes(path.relative_to(saved).as_posix(), path.read_bytes())
+            summary = register(module, config, report, params)
+        verdict = "is the new champion" if summary["champion"] else "did not beat the champion"
+        print(f"publish: {params.model_name} version {summary['model_version']} (held-out masked-LM accuracy "
+              f"{summary[ACCURACY_TAG]:.1%}) {verdict}; SavedModel in {output.uri}")
+        return summary
+
+    return run_step("publish", fingerprint, {"student": open_folder(params.student).child_uri("export"),
+                                             "report": params.report}, output, work, force=params.force)
+
+
+def _report_about(params: PublishParams) -> dict:
+    """evaluate's report, refused unless it evaluated this very student."""
+    folder = open_folder(params.report)
+    manifest = read_manifest(folder, FOLDER_MANIFEST)
+    if manifest is None or not folder.exists("report.json"):
+        raise StepError(f"{params.report} holds no finished evaluate report: run evaluate on the student first")
+    evaluated = manifest.inputs.get("student", "").partition(" ")[0]
+    if evaluated.rstrip("/") != params.student.rstrip("/"):
+        raise StepError(f"the report in {params.report} evaluated {evaluated}, not {params.student}: "
+                        "evaluate this student and publish with its report")
+    return json.loads(folder.read_bytes("report.json"))
+
+
+def serving_module(config, weights):
+    """A tf.Module whose `serve` function is the serving signature."""
+    import tensorflow as tf
+
+    from bertdistill.bert.model import Bert
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__(name="bertdistill_student")
+            self.bert = Bert(config)
+            self.bert.assign(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=n)
+                                      for n in ("input_ids", "input_mask", "segment_ids")])
+        def serve(self, input_ids, input_mask, segment_ids):
+            sequence = self.bert.encode(input_ids, input_mask, segment_ids)
+            positions = tf.tile(tf.range(tf.shape(input_ids)[1])[None], [tf.shape(input_ids)[0], 1])
+            return {"mlm_logits": self.bert.mlm_logits(sequence, positions),
+                    "nsp_logits": self.bert.nsp_logits(sequence),
+                    "pooled_output": self.bert.pooled(sequence)}
+
+    return Serving()
+
+
+def export_savedmodel(config, weights, path: Path):
+    """Save, reload and compare on a probe batch: a SavedModel that does not reproduce its model is refused."""
+    import numpy as np
+    import tensorflow as tf
+
+    module = serving_module(config, weights)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    rng = np.random.default_rng(0)
+    probe = {"input_ids": tf.constant(rng.integers(0, config.vocab_size, (2, 16)), tf.int32),
+             "input_mask": tf.ones([2, 16], tf.int32), "segment_ids": tf.zeros([2, 16], tf.int32)}
+    expected = module.serve(**probe)
+    reloaded = tf.saved_model.load(str(path)).signatures["serving_default"](**probe)
+    for key, value in expected.items():
+        diff = float(tf.reduce_max(tf.abs(value - reloaded[key])))
+        if diff > 1e-4:
+            raise StepError(f"the exported SavedModel's {key} differs from the student's by {diff}; not published")
+    return module
+
+
+def register(module, config, report: dict, params: PublishParams) -> dict:
+    """Log the SavedModel to an MLflow run, register it, move `champion` if it is better."""
+    import mlflow
+    import mlflow.tensorflow
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from bertdistill import tracking
+
+    accuracy = float(report["student"]["mlm_accuracy"])
+    inputs = Schema([TensorSpec(np.dtype(np.int32), (-1, -1), n) for n in ("input_ids", "input_mask",
+                                                                           "segment_ids")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, config.vocab_size), "mlm_logits"),
+                      TensorSpec(np.dtype(np.float32), (-1, 2), "nsp_logits"),
+                      TensorSpec(np.dtype(np.float32), (-1, config.hidden_size), "pooled_output")])
+    client = tracking.client()
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    tags = {"bertdistill.step": "publish", "bertdistill.output": params.output}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    try:
+        experiment = client.get_run(parent).info.experiment_id if parent else tracking.experiment_id()
+        run = client.create_run(experiment, run_name="publish", tags=tags)
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_metric(ACCURACY_TAG, accuracy)
+            mlflow.log_dict(report, "report.json")
+            info = mlflow.tensorflow.log_model(
+                module, name="model", signature=ModelSignature(inputs, outputs),
+                saved_model_kwargs={"signatures": {"serving_default": module.serve}},
+                pip_requirements=[f"tensorflow-cpu=={tf.__version__}"],
+                registered_model_name=params.model_name, await_registration_for=60)
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(params.model_name, version, ACCURACY_TAG, repr(accuracy))
+        try:
+            current = client.get_model_version_by_alias(params.model_name, CHAMPION)
+            best = float(current.tags.get(ACCURACY_TAG, "-inf"))
+        except MlflowException:
+            current, best = None, float("-inf")
+        champion = accuracy > best
+        if champion:
+            client.set_registered_model_alias(params.model_name, CHAMPION, version)
+    except MlflowException as exc:
+        raise tracking.registry_error(exc, f"registering {params.model_name}") from exc
+    return {"model_name": params.model_name, "model_version": int(version), "mlflow_run_id": run.info.run_id,
+            ACCURACY_TAG: accuracy, "champion": champion,
+            "previous_champion_version": int(current.version) if current else None,
+            "previous_champion_accuracy": None if current is None else best}

@@ -1,0 +1,135 @@
+"""tracking + publish against a real MLflow store: parent/child runs, the registry, `champion`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import error_lines, run_cli
+
+pytest.importorskip("tensorflow")
+mlflow = pytest.importorskip("mlflow")
+
+MODEL = "tiny-student"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real sqlite-backed MLflow store and a pipeline (parent) run in it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "tests"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        from bertdistill import tracking
+
+        parent = tracking.start_pipeline("enwiki-20160101", {"wiki": "enwiki", "k": 10})
+        yield {**env, tracking.PARENT_RUN_ENV: parent}, root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, store, tiny_teacher, labelled, tiny_student):
+    env, _ = store
+    out = tmp_path_factory.mktemp("report") / "report"
+    run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--heldout",
+            str(labelled.parent), "--output", str(out), "--max-examples", "256", "--latency-batch", "2",
+            env=env, check=True)
+    return out
+
+
+def _client(env):
+    return mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def _children(env, step):
+    client = _client(env)
+    parent = client.get_run(env["BERTDISTILL_PARENT_RUN_ID"])
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`bertdistill.step` = '{step}'")
+    return client, runs
+
+
+def test_a_step_logs_a_child_run_with_metrics_artifacts_and_inputs(store, report, labelled):
+    env, root = store
+    client, runs = _children(env, "evaluate")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    expected = json.loads((report / "report.json").read_text())
+    assert run.data.metrics["student.mlm_accuracy"] == pytest.approx(expected["student"]["mlm_accuracy"])
+    assert run.data.params["max_examples"] == "256"
+    artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert artifacts == ["manifest.json", "report.json", "report.png"]
+    assert (root / "artifacts").is_dir()  # beside the sqlite file, not in the working directory
+    inputs = {d.dataset.name: json.loads(d.dataset.source)["uri"] for d in run.inputs.dataset_inputs}
+    assert inputs["heldout"] == str(labelled.parent)
+
+
+def test_a_distill_run_logs_its_loss_curve_with_step_numbers(store, tmp_path, tiny_teacher, labels_dir):
+    env, _ = store
+    out = tmp_path / "student"
+    from tests.conftest import distill_args
+
+    run_cli(*distill_args(tiny_teacher, labels_dir, out), env=env, check=True)
+    client, runs = _children(env, "distill")
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    losses = json.loads((out / "_MANIFEST.json").read_text())["summary"]["losses"]
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in history] == pytest.approx(losses)
+
+
+def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student):
+    env, _ = store
+    proc = run_cli("publish", "--student", str(tiny_student), "--report", str(report), "--model-name", MODEL,
+                   env=env, check=True)
+    assert "is the new champion" in proc.stdout
+    client = _client(env)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert int(champion.version) == 1
+    accuracy = json.loads((report / "report.json").read_text())["student"]["mlm_accuracy"]
+    assert float(champion.tags["heldout_mlm_accuracy"]) == pytest.approx(accuracy)
+
+    import tensorflow as tf
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    loaded = mlflow.tensorflow.load_model(f"models:/{MODEL}@champion")
+    serve = loaded.signatures["serving_default"]
+    ids = tf.constant([[101, 1996, 103, 2003, 102]], tf.int32)
+    out = serve(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=tf.zeros_like(ids))
+    assert out["mlm_logits"].shape == (1, 5, 30522)
+    assert out["nsp_logits"].shape == (1, 2) and out["pooled_output"].shape == (1, 384)
+    # The same SavedModel sits in the store beside the student, and answers the same.
+    local = tf.saved_model.load(str(tiny_student / "savedmodel")).signatures["serving_default"]
+    again = local(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=tf.zeros_like(ids))
+    np.testing.assert_allclose(again["mlm_logits"].numpy(), out["mlm_logits"].numpy(), atol=1e-5)
+
+
+def test_champion_moves_only_when_the_new_version_is_better(store, report, tiny_student):
+    env, _ = store
+    client = _client(env)
+    # A tie keeps the incumbent.
+    proc = run_cli("publish", "--student", str(tiny_student), "--report", str(report), "--model-name", MODEL,
+                   "--force", env=env, check=True)
+    assert "did not beat the champion" in proc.stdout
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
+    # Against a weaker incumbent the same student wins.
+    client.set_model_version_tag(MODEL, "1", "heldout_mlm_accuracy", "0.0001")
+    run_cli("publish", "--student", str(tiny_student), "--report", str(report), "--model-name", MODEL,
+            "--force", env=env, check=True)
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 3
+
+
+def test_publish_refuses_a_report_about_another_student(store, tmp_path, report, tiny_student):
+    env, _ = store
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "export").symlink_to(tiny_student / "export")
+    proc = run_cli("publish", "--student", str(other), "--report", str(report), env=env)
+    assert proc.returncode == 2
+    [line] = error_lines(proc)
+    assert "evaluated" in line and str(tiny_student) in line and "evaluate this student" in line
+    assert not (other / "savedmodel").exists()
+    _, failed = _children(env, "publish")
+    assert any(r.info.status == "FAILED" and "evaluated" in r.data.tags["bertdistill.error"] for r in failed)
