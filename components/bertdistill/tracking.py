@@ -105,7 +105,7 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
     if run_id:
         c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.parentRunId"])
     else:
-        name = f"{step} {output_uri.rstrip('/').rsplit('/', 1)[-1]}"
+        name = f"{step} {'/'.join(output_uri.rstrip('/').split('/')[-2:])}"
         run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
     try:
         params = [Param(k, _param_value(v)) for k, v in sorted(manifest.params.items())]

@@ -1,0 +1,75 @@
+"""The embedded default: a step is a child process of the Airflow task.
+
+The process's output goes line by line into the task log. Exit code 2 is the steps' "bad
+input" (a StepError: the same input fails the same way), so the task fails without retries;
+any other non-zero exit may be transient and is left to the task's retries. Killing the task
+kills the whole process group, Horovod ranks included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+BAD_INPUT = 2
+
+
+def step_command(arguments: Sequence[str], ranks: int = 1) -> list[str]:
+    """`bertdistill ARGS`, or `horovodrun -np N` on localhost around it for a multi-rank distill."""
+    exe = shutil.which("bertdistill", path=os.path.dirname(sys.executable)) or shutil.which("bertdistill")
+    command = [exe] if exe else [sys.executable, "-m", "bertdistill.cli"]
+    if ranks > 1:
+        horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
+        command = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *command]
+    return [*command, *arguments]
+
+
+class LocalStepOperator(BaseOperator):
+    """Runs `bertdistill <arguments>` (XCom-fed, mappable) as a child process."""
+
+    template_fields: Sequence[str] = ("arguments", "env_vars", "ranks")
+    ui_color = "#e8f4e8"
+
+    def __init__(self, *, arguments: list[str], env_vars: dict[str, str] | None = None, ranks: int | str = 1,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.arguments = arguments
+        self.env_vars = env_vars or {}
+        self.ranks = ranks
+        self._proc: subprocess.Popen | None = None
+
+    def execute(self, context: Any) -> None:
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+        command = step_command([str(a) for a in self.arguments], int(self.ranks))
+        self.log.info("running: %s", " ".join(command))
+        env = {**os.environ, **{k: str(v) for k, v in self.env_vars.items()}, "PYTHONUNBUFFERED": "1"}
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env, start_new_session=True)
+        last_error = ""
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            line = line.rstrip("\n")
+            if "error:" in line:
+                last_error = line
+            self.log.info("%s", line)
+        code = self._proc.wait()
+        if code == BAD_INPUT:
+            raise AirflowFailException(f"{self.arguments[0]} refused its input (exit 2): {last_error}")
+        if code != 0:
+            raise AirflowException(f"{self.arguments[0]} failed with exit code {code}: {last_error or 'see the log'}")
+
+    def on_kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)

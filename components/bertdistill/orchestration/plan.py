@@ -1,0 +1,143 @@
+"""The run plan: from the form's params to every step's URIs and arguments.
+
+Pure functions of (params, settings, the dump date), so the same plan comes out of the DAG,
+a test or a rerun, and a rerun finds the outputs of the first (resume = the steps' own
+manifests). The layout is DESIGN.md's, with one difference: a student's folder is keyed by
+a hash of the settings that shape it rather than by an MLflow run id, so a retriggered run
+finds the half-trained student of the killed one and resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from bertdistill.orchestration.settings import Settings
+
+MANIFEST = "_MANIFEST.json"
+
+# The form's fields with the defaults a monthly run uses (make demo passes smaller ones).
+DEFAULTS: dict[str, Any] = {
+    "wiki": "enwiki", "date": "latest", "max_dump_files": None, "teacher": None,
+    "train_shards": 8, "heldout_shards": 1, "max_seq_length": 128, "max_predictions_per_seq": 20,
+    "dupe_factor": 10, "adapt_steps": 300, "student_layers": 3, "top_k": 10, "train_steps": 10000,
+    "batch_size": 32, "ranks": 1, "force": False,
+}
+
+
+def full_params(params: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown params {', '.join(unknown)}; the form has {', '.join(DEFAULTS)}")
+    return {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _key(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str, Any]:
+    """Everything later tasks need, as JSON (it travels by XCom): URIs, keys, static arguments."""
+    p = full_params(params)
+    root = settings.store_root()
+    run = _join(root, "runs", f"{p['wiki']}-{date}")
+    teacher_source = p["teacher"] or settings.teacher
+    teacher_name = teacher_source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip")
+    examples = _join(run, "examples", f"{p['max_seq_length']}-{p['max_predictions_per_seq']}-{p['dupe_factor']}")
+    teacher = _join(root, "teachers", teacher_name)
+    adapted = _join(run, "teachers", f"{teacher_name}-adapted-{p['adapt_steps']}")
+    student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size")}
+                       | {"teacher": teacher_source, "examples": examples})
+    student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
+    return {
+        "params": p, "date": date, "run": run, "dumps": _join(root, "dumps"),
+        "dump_folder": _join(root, "dumps", p["wiki"], date), "articles": _join(run, "articles"),
+        "text": _join(run, "text"), "examples": examples, "teacher_source": teacher_source,
+        "teacher": teacher, "adapted_teacher": adapted,
+        "student": student, "report": _join(student, "report"), "published": _join(student, "savedmodel", MANIFEST),
+        "run_name": f"{p['wiki']}-{date}",
+    }
+
+
+def labels_folder(plan: dict[str, Any], teacher: str) -> str:
+    return _join(plan["run"], "labels", f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{plan['params']['top_k']}")
+
+
+# -- arguments of each step (after `bertdistill`) ---------------------------------------------
+def fetch_dump_args(plan: dict, mirror: str) -> list[str]:
+    p = plan["params"]
+    args = ["fetch-dump", "--wiki", p["wiki"], "--date", plan["date"], "--mirror", mirror, "--output", plan["dumps"]]
+    if p["max_dump_files"]:
+        args += ["--max-files", str(p["max_dump_files"])]
+    return args + _force(plan)
+
+
+def extract_args(plan: dict, dump_files: list[str]) -> list[list[str]]:
+    """One extract per dump file, each into its own articles/<file>/ folder."""
+    return [["extract", "--input", _join(plan["dump_folder"], name),
+             "--output", _join(plan["articles"], name.split(".xml")[0]), *_force(plan)] for name in dump_files]
+
+
+def build_corpus_args(plan: dict) -> list[str]:
+    p = plan["params"]
+    return ["build-corpus", "--input", plan["articles"], "--output", plan["text"], "--train-shards",
+            str(p["train_shards"]), "--heldout-shards", str(p["heldout_shards"]), *_force(plan)]
+
+
+def text_shards(plan: dict) -> list[str]:
+    """Shard names ('train/shard-00000') the build-corpus settings produce."""
+    p = plan["params"]
+    return ([f"train/shard-{i:05d}" for i in range(p["train_shards"])]
+            + [f"heldout/shard-{i:05d}" for i in range(p["heldout_shards"])])
+
+
+def make_examples_args(plan: dict, vocab_file: str) -> list[list[str]]:
+    p = plan["params"]
+    return [["make-examples", "--input", _join(plan["text"], f"{s}.txt"),
+             "--output", _join(plan["examples"], f"{s}.tfrecord"), "--vocab-file", vocab_file,
+             "--max-seq-length", str(p["max_seq_length"]), "--max-predictions-per-seq",
+             str(p["max_predictions_per_seq"]), "--dupe-factor", str(p["dupe_factor"]), *_force(plan)]
+            for s in text_shards(plan)]
+
+
+def fetch_teacher_args(plan: dict) -> list[str]:
+    return ["fetch-teacher", "--source", plan["teacher_source"], "--output", plan["teacher"]]
+
+
+def adapt_teacher_args(plan: dict) -> list[str]:
+    return ["adapt-teacher", "--teacher", plan["teacher"], "--examples", plan["examples"], "--output",
+            plan["adapted_teacher"], "--steps", str(plan["params"]["adapt_steps"]), *_force(plan)]
+
+
+def label_teacher_args(plan: dict, teacher: str) -> list[list[str]]:
+    labels = labels_folder(plan, teacher)
+    return [["label-teacher", "--teacher", teacher, "--input", _join(plan["examples"], f"{s}.tfrecord"),
+             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan["params"]["top_k"]), *_force(plan)]
+            for s in text_shards(plan)]
+
+
+def distill_args(plan: dict, teacher: str) -> list[str]:
+    p = plan["params"]
+    return ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher), "--output", plan["student"],
+            "--student-layers", str(p["student_layers"]), "--top-k", str(p["top_k"]), "--steps",
+            str(p["train_steps"]), "--batch-size", str(p["batch_size"]), "--grad-accum", str(p["ranks"]),
+            "--checkpoint-every", str(max(1, min(500, p["train_steps"] // 4))), *_force(plan)]
+
+
+def evaluate_args(plan: dict, teacher: str) -> list[str]:
+    return ["evaluate", "--teacher", teacher, "--student", plan["student"], "--heldout",
+            _join(labels_folder(plan, teacher), "heldout"), "--output", plan["report"],
+            "--top-k", str(plan["params"]["top_k"]), *_force(plan)]
+
+
+def publish_args(plan: dict) -> list[str]:
+    return ["publish", "--student", plan["student"], "--report", plan["report"], *_force(plan)]
+
+
+def _force(plan: dict) -> list[str]:
+    return ["--force"] if plan["params"]["force"] else []

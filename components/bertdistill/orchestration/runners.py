@@ -1,0 +1,110 @@
+"""One way to declare a step in the DAG, whatever runs it: a local process, a pod, an MPIJob.
+
+The DAG asks for `single`, `mapped` or `distill` tasks; the mode in Settings decides the
+operator. All take the step's arguments (after `bertdistill`) from XCom, and all give the
+step the same environment: tracking settings, the MLflow parent run of this DAG run, and in
+Kubernetes the S3 credentials from a Secret (never from DAG code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bertdistill.orchestration.settings import Settings
+
+PARENT_RUN = "{{ ti.xcom_pull(task_ids='prepare', key='parent_run_id') }}"
+RANKS = "{{ ti.xcom_pull(task_ids='prepare', key='ranks') }}"
+SCRATCH = "/scratch"
+
+# requests (= limits for memory) per step in the kubernetes mode; label-teacher runs the teacher on a GPU.
+RESOURCES: dict[str, dict[str, str]] = {
+    "fetch_dump": {"cpu": "1", "memory": "1Gi"},
+    "extract": {"cpu": "4", "memory": "4Gi"},
+    "build_corpus": {"cpu": "2", "memory": "4Gi"},
+    "make_examples": {"cpu": "4", "memory": "2Gi"},
+    "fetch_teacher": {"cpu": "1", "memory": "4Gi"},
+    "adapt_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
+    "label_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
+    "distill": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
+    "evaluate": {"cpu": "4", "memory": "8Gi"},
+    "publish": {"cpu": "2", "memory": "4Gi"},
+}
+
+
+class StepOperators:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def env(self) -> dict[str, str]:
+        return {**self.settings.step_env(), "BERTDISTILL_PARENT_RUN_ID": PARENT_RUN}
+
+    def single(self, task_id: str, arguments: Any):
+        cls, kwargs = self._operator(task_id)
+        return cls(task_id=task_id, arguments=arguments, **kwargs)
+
+    def mapped(self, task_id: str, arguments: Any):
+        cls, kwargs = self._operator(task_id)
+        return cls.partial(task_id=task_id, **kwargs).expand(arguments=arguments)
+
+    def distill(self, task_id: str, arguments: Any):
+        if self.settings.mode == "kubernetes":
+            from bertdistill.orchestration.mpijob import MPIJobOperator
+
+            return MPIJobOperator(task_id=task_id, arguments=arguments, workers=RANKS, settings=self.settings,
+                                  env_vars=self.env(), resources=RESOURCES["distill"])
+        from bertdistill.orchestration.local import LocalStepOperator
+
+        return LocalStepOperator(task_id=task_id, arguments=arguments, env_vars=self.env(), ranks=RANKS)
+
+    def _operator(self, task_id: str) -> tuple[type, dict[str, Any]]:
+        if self.settings.mode == "kubernetes":
+            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+            return KubernetesPodOperator, pod_kwargs(self.settings, task_id, self.env())
+        from bertdistill.orchestration.local import LocalStepOperator
+
+        return LocalStepOperator, {"env_vars": self.env()}
+
+
+def container_resources(wanted: dict[str, str], gpu_resource: str):
+    from kubernetes.client import models as k8s
+
+    requests = {"cpu": wanted["cpu"], "memory": wanted["memory"]}
+    limits = {"memory": wanted["memory"]}
+    if "gpu" in wanted:
+        requests[gpu_resource] = limits[gpu_resource] = wanted["gpu"]
+    return k8s.V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def security_context():
+    """Steps run as an unprivileged user with nothing to escalate to."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1SecurityContext(run_as_non_root=True, run_as_user=10001, allow_privilege_escalation=False,
+                                 read_only_root_filesystem=True,
+                                 capabilities=k8s.V1Capabilities(drop=["ALL"]),
+                                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+
+
+def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[str, Any]:
+    """KubernetesPodOperator arguments for one step: image, resources, Secret-fed S3 credentials, scratch."""
+    from kubernetes.client import models as k8s
+
+    return {
+        "name": f"bertdistill-{task_id.replace('_', '-')}",
+        "namespace": settings.namespace,
+        "service_account_name": settings.service_account,
+        "image": settings.pipeline_image,
+        "cmds": ["bertdistill"],
+        "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH},
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
+        "container_resources": container_resources(RESOURCES[task_id], settings.gpu_resource),
+        "container_security_context": security_context(),
+        "volumes": [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())],
+        "volume_mounts": [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)],
+        "labels": {"app.kubernetes.io/name": "bertdistill", "app.kubernetes.io/component": task_id},
+        "get_logs": True,
+        "on_finish_action": "delete_pod",
+        "reattach_on_restart": True,
+        "startup_timeout_seconds": 600,
+    }

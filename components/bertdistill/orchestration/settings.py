@@ -1,0 +1,78 @@
+"""Where and how the pipeline runs, from the environment: no code edit moves it to a cluster.
+
+Every setting is a BERTDISTILL_* variable (the Helm chart sets them on the Airflow pods; an
+Airflow Variable of the same name, lower-cased, takes precedence when set). The defaults are
+the embedded mode: steps as local processes, ./data as the store, a sqlite MLflow store in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("local", "kubernetes")
+
+
+def _get(name: str, default: str) -> str:
+    """An Airflow Variable `bertdistill_<name>` if set, else BERTDISTILL_<NAME>, else the default."""
+    env = os.environ.get(f"BERTDISTILL_{name.upper()}")
+    try:
+        from airflow.sdk import Variable
+
+        value = Variable.get(f"bertdistill_{name}", default=None)
+    except Exception:  # outside a task (DAG parsing, tests): no Variables to read
+        value = None
+    return value if value not in (None, "") else (env if env not in (None, "") else default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "local"
+    store: str = "data"                 # store root: a folder or s3://bucket/prefix
+    mirror: str = "https://dumps.wikimedia.org"
+    teacher: str = "data/sample/minilm"  # default teacher source when the form leaves it empty
+    mlflow_uri: str = ""                # default: sqlite beside a local store
+    mlflow_artifacts: str = ""          # default: beside the sqlite file / the server's choice
+    s3_endpoint_url: str = ""
+    # kubernetes mode
+    namespace: str = "bertdistill"
+    service_account: str = "bertdistill-steps"
+    pipeline_image: str = "bertdistill/pipeline:0.1.0"
+    trainer_image: str = "bertdistill/trainer:0.1.0"
+    s3_secret: str = "bertdistill-s3"
+    gpu_resource: str = "nvidia.com/gpu"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls) -> Settings:
+        names = [f for f in cls.__dataclass_fields__ if f != "extra_env"]
+        values = {name: _get(name, getattr(cls, name)) for name in names}
+        settings = cls(**values)
+        if settings.mode not in MODES:
+            raise ValueError(f"BERTDISTILL_MODE={settings.mode!r}: use one of {', '.join(MODES)}")
+        return settings
+
+    @property
+    def local_store(self) -> bool:
+        return "://" not in self.store or self.store.startswith("file://")
+
+    def store_root(self) -> str:
+        return self.store.rstrip("/") if not self.local_store else str(Path(self.store.removeprefix("file://"))
+                                                                       .resolve())
+
+    def tracking_uri(self) -> str:
+        if self.mlflow_uri:
+            return self.mlflow_uri
+        base = Path(self.store_root()) if self.local_store else Path("data").resolve()
+        return f"sqlite:///{base / 'mlflow' / 'mlflow.db'}"
+
+    def step_env(self) -> dict[str, str]:
+        """What every step process or pod needs besides its arguments (no secrets: those come from a Secret)."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri(), "MLFLOW_EXPERIMENT_NAME": "bertdistill"}
+        if self.mlflow_artifacts:
+            env["BERTDISTILL_MLFLOW_ARTIFACTS"] = self.mlflow_artifacts
+        if self.s3_endpoint_url:
+            env["BERTDISTILL_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        return env
