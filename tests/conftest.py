@@ -219,3 +219,19 @@ def tiny_student(tmp_path_factory, tiny_teacher, labels_dir):
     proc = run_cli(*distill_args(tiny_teacher, labels_dir, out), check=True)
     assert "distill: 6 steps" in proc.stdout
     return out
+
+
+def airflow_bin() -> str:
+    return str(Path(sys.executable).parent / "airflow")
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+           "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if not k.startswith(("BERTDISTILL_", "MLFLOW_"))}
+    proc = subprocess.run([airflow_bin(), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return env

@@ -46,8 +46,8 @@ def _client(env):
 def _children(env, step):
     client = _client(env)
     parent = client.get_run(env["BERTDISTILL_PARENT_RUN_ID"])
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`bertdistill.step` = '{step}'")
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`bertdistill.step` = '{step}'"
+    runs = client.search_runs([parent.info.experiment_id], query)
     return client, runs
 
 

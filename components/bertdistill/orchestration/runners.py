@@ -51,7 +51,7 @@ class StepOperators:
             from bertdistill.orchestration.mpijob import MPIJobOperator
 
             return MPIJobOperator(task_id=task_id, arguments=arguments, workers=RANKS, settings=self.settings,
-                                  env_vars=self.env(), resources=RESOURCES["distill"])
+                                  env_vars=self.env(), worker_resources=RESOURCES["distill"])
         from bertdistill.orchestration.local import LocalStepOperator
 
         return LocalStepOperator(task_id=task_id, arguments=arguments, env_vars=self.env(), ranks=RANKS)

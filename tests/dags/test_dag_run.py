@@ -1,0 +1,144 @@
+"""The whole DAG through Airflow's own test runner (`airflow dags test`), on the real sample dump.
+
+A tiny Hugging Face-format teacher without a masked-LM head (so the adapt branch runs) keeps it
+to minutes. Checked: every step's child run under one MLflow parent run, the registered model,
+that a second run of the same dump stops after check_dump, that a run cut short resumes from
+the finished steps' manifests, and the same DAG with the store on a real S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import _s3_client, airflow_bin
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("airflow")
+pytestmark = pytest.mark.slow
+
+TINY = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1, "dupe_factor": 1, "max_seq_length": 64,
+        "max_predictions_per_seq": 10, "adapt_steps": 2, "train_steps": 4, "batch_size": 8, "student_layers": 1}
+STEPS = ["fetch-dump", "extract", "build-corpus", "make-examples", "fetch-teacher", "adapt-teacher",
+         "label-teacher", "distill", "evaluate", "publish"]
+
+
+@pytest.fixture(scope="session")
+def hf_teacher(tmp_path_factory, sample):
+    """A 1-layer BERT in Hugging Face layout (config.json, model.safetensors, vocab.txt), no heads."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    shutil.copyfile(sample / "vocab.txt", folder / "vocab.txt")
+    return folder
+
+
+def dags_test(env: dict, conf: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run([airflow_bin(), "dags", "test", "bert_distillation", "-c", json.dumps(conf)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    return proc
+
+
+def run_env(airflow_env: dict, sample, teacher, store: str, mlflow_db) -> dict:
+    return {**airflow_env, "BERTDISTILL_STORE": store, "BERTDISTILL_MIRROR": str(sample / "mirror"),
+            "BERTDISTILL_TEACHER": str(teacher), "BERTDISTILL_MLFLOW_URI": f"sqlite:///{mlflow_db}"}
+
+
+def tasks_run(output: str) -> set[str]:
+    """The task ids the test runner started, from its log lines."""
+    import re
+
+    return set(re.findall(r"\[DAG TEST\] running task <TaskInstance: bert_distillation\.(\w+)", output))
+
+
+def runs(mlflow_db):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
+    experiment = client.get_experiment_by_name("bertdistill")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def local_run(airflow_env, sample, hf_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dagrun")
+    env = run_env(airflow_env, sample, hf_teacher, str(root / "store"), root / "mlflow.db")
+    proc = dags_test(env, TINY)
+    return env, root, proc
+
+
+def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
+    env, root, proc = local_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "publish" in tasks_run(proc.stdout + proc.stderr)
+    client, all_runs = runs(root / "mlflow.db")
+    [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "enwiki-20160101"
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    steps = sorted({r.data.tags["bertdistill.step"] for r in children})
+    assert steps == sorted(STEPS)
+    assert sum(r.data.tags["bertdistill.step"] == "label-teacher" for r in children) == 3  # 2 train + 1 held-out
+    [extract] = [r for r in children if r.data.tags["bertdistill.step"] == "extract"]
+    [dump] = [json.loads(d.dataset.source)["uri"] for d in extract.inputs.dataset_inputs]
+    assert dump.startswith(str(root / "store" / "dumps" / "enwiki" / "20160101"))
+    champion = client.get_model_version_by_alias("bertdistill-student", "champion")
+    assert int(champion.version) == 1
+    published = list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
+    assert len(published) == 1
+
+
+def test_a_second_run_of_the_same_dump_stops_after_the_check(local_run):
+    env, root, first = local_run
+    assert first.returncode == 0
+    _, before = runs(root / "mlflow.db")
+    proc = dags_test(env, TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "was already distilled and published" in out
+    assert tasks_run(out) == {"check_dump"}
+    _, after = runs(root / "mlflow.db")
+    assert len(after) == len(before)  # no new parent or child run
+
+
+def test_a_run_cut_short_resumes_from_the_finished_steps(local_run):
+    """As if killed during evaluate: its output and publish's are gone; the rerun redoes only those."""
+    env, root, first = local_run
+    assert first.returncode == 0
+    [student] = (root / "store" / "runs" / "enwiki-20160101" / "students").iterdir()
+    shutil.rmtree(student / "savedmodel")
+    shutil.rmtree(student / "report")
+    kept = {p: p.read_bytes() for p in (root / "store").rglob("_MANIFEST*.json") if "savedmodel" not in str(p)
+            and "report" not in str(p)}
+    proc = dags_test(env, TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for step in ("make-examples", "label-teacher", "distill", "adapt-teacher"):
+        assert f"{step}: skipped" in out
+    assert all(p.read_bytes() == data for p, data in kept.items())  # finished steps untouched
+    assert (student / "report" / "report.json").exists() and (student / "savedmodel" / "saved_model.pb").exists()
+    client, _ = runs(root / "mlflow.db")
+    assert len(client.search_model_versions("name = 'bertdistill-student'")) == 2
+
+
+@pytest.mark.s3
+def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaweed, tmp_path):
+    store = "s3://bertdistill-test/dagrun"
+    env = {**run_env(airflow_env, sample, hf_teacher, store, tmp_path / "mlflow.db"), **seaweed,
+           "BERTDISTILL_MLFLOW_ARTIFACTS": "s3://bertdistill-test/mlflow"}
+    proc = dags_test(env, TINY)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    keys = [o["Key"] for page in _s3_client(seaweed).get_paginator("list_objects_v2").paginate(
+        Bucket="bertdistill-test") for o in page.get("Contents", [])]
+    run = "dagrun/runs/enwiki-20160101/"
+    assert any(k.startswith(run + "examples/") and k.endswith(".tfrecord") for k in keys)
+    assert any(k.startswith(run + "labels/") and k.endswith(".tfrecord") for k in keys)
+    assert any(k.startswith(run + "students/") and k.endswith("savedmodel/saved_model.pb") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts too
+    assert not (tmp_path / "artifacts").exists()
+    client, all_runs = runs(tmp_path / "mlflow.db")
+    assert int(client.get_model_version_by_alias("bertdistill-student", "champion").version) == 1
