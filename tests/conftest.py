@@ -235,3 +235,15 @@ def airflow_env(tmp_path_factory) -> dict[str, str]:
     proc = subprocess.run([airflow_bin(), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return env
+
+
+@pytest.fixture(scope="session")
+def hf_teacher(tmp_path_factory, sample):
+    """A 1-layer BERT in Hugging Face layout (config.json, model.safetensors, vocab.txt), no heads."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    shutil.copyfile(sample / "vocab.txt", folder / "vocab.txt")
+    return folder

@@ -26,18 +26,6 @@ STEPS = ["fetch-dump", "extract", "build-corpus", "make-examples", "fetch-teache
          "label-teacher", "distill", "evaluate", "publish"]
 
 
-@pytest.fixture(scope="session")
-def hf_teacher(tmp_path_factory, sample):
-    """A 1-layer BERT in Hugging Face layout (config.json, model.safetensors, vocab.txt), no heads."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=128)
-    folder = tmp_path_factory.mktemp("hf") / "tiny-bert"
-    transformers.BertModel(config).save_pretrained(folder)
-    shutil.copyfile(sample / "vocab.txt", folder / "vocab.txt")
-    return folder
-
-
 def dags_test(env: dict, conf: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run([airflow_bin(), "dags", "test", "bert_distillation", "-c", json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=1200)
@@ -73,7 +61,7 @@ def local_run(airflow_env, sample, hf_teacher, tmp_path_factory):
 
 
 def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
-    env, root, proc = local_run
+    _env, root, proc = local_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "publish" in tasks_run(proc.stdout + proc.stderr)
     client, all_runs = runs(root / "mlflow.db")
@@ -140,5 +128,5 @@ def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaw
     assert any(k.startswith(run + "students/") and k.endswith("savedmodel/saved_model.pb") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts too
     assert not (tmp_path / "artifacts").exists()
-    client, all_runs = runs(tmp_path / "mlflow.db")
+    client, _all_runs = runs(tmp_path / "mlflow.db")
     assert int(client.get_model_version_by_alias("bertdistill-student", "champion").version) == 1

@@ -34,10 +34,13 @@ def label_value(text: str) -> str:
 
 def ti_labels(context: dict[str, Any]) -> dict[str, str]:
     ti = context["ti"]
-    return {"airflow.apache.org/dag_id": label_value(ti.dag_id), "airflow.apache.org/task_id": label_value(ti.task_id),
-            "airflow.apache.org/run_id": label_value(ti.run_id),
-            "airflow.apache.org/map_index": label_value(getattr(ti, "map_index", -1)),
-            "airflow.apache.org/try_number": label_value(ti.try_number)}
+    labels = {"airflow.apache.org/dag_id": label_value(ti.dag_id),
+              "airflow.apache.org/task_id": label_value(ti.task_id),
+              "airflow.apache.org/run_id": label_value(ti.run_id),
+              "airflow.apache.org/try_number": label_value(ti.try_number)}
+    if getattr(ti, "map_index", -1) >= 0:
+        labels["airflow.apache.org/map_index"] = str(ti.map_index)
+    return labels
 
 
 def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence[str], env: dict[str, str],
@@ -116,8 +119,7 @@ class MPIJobOperator(BaseOperator):
         hook = self.hook()
         labels = {"app.kubernetes.io/name": "bertdistill", "app.kubernetes.io/component": "distill",
                   **ti_labels(context)}
-        job = self._adopt(hook, labels) or self._create(hook, labels)
-        self.job_name = job["metadata"]["name"]
+        self.job_name = self._adopt(hook, labels) or self._create(hook, labels)
         try:
             outcome = self._wait(hook)
         finally:
@@ -132,8 +134,8 @@ class MPIJobOperator(BaseOperator):
             self._delete(self.hook())
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def _adopt(self, hook, labels: dict[str, str]) -> dict[str, Any] | None:
-        """A job this task instance created in an earlier try that is still there (same labels but try)."""
+    def _adopt(self, hook, labels: dict[str, str]) -> str | None:
+        """The name of a job this task instance created in an earlier try that is still there."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items() if not k.endswith("try_number"))
         found = hook.custom_object_client.list_namespaced_custom_object(
             GROUP, VERSION, self.settings.namespace, PLURAL, label_selector=selector).get("items", [])
@@ -143,10 +145,10 @@ class MPIJobOperator(BaseOperator):
             if len(live) > 1:
                 self.log.warning("%d MPIJobs match this task instance; adopting the newest", len(live))
             self.log.info("adopting MPIJob %s from an earlier try", live[-1]["metadata"]["name"])
-            return live[-1]
+            return live[-1]["metadata"]["name"]
         return None
 
-    def _create(self, hook, labels: dict[str, str]) -> dict[str, Any]:
+    def _create(self, hook, labels: dict[str, str]) -> str:
         from kubernetes.client.exceptions import ApiException
 
         base = label_value(f"bertdistill-{self.task_id.replace('_', '-')}").lower()[:50].rstrip("-.")
@@ -155,10 +157,10 @@ class MPIJobOperator(BaseOperator):
             body = mpijob_body(name, self.settings, int(self.workers), [str(a) for a in self.arguments],
                                {k: str(v) for k, v in self.env_vars.items()}, self.worker_resources, labels)
             try:
-                created = hook.custom_object_client.create_namespaced_custom_object(
+                hook.custom_object_client.create_namespaced_custom_object(
                     GROUP, VERSION, self.settings.namespace, PLURAL, body)
                 self.log.info("created MPIJob %s/%s with %s workers", self.settings.namespace, name, self.workers)
-                return created
+                return name
             except ApiException as exc:
                 if exc.status != 409 or attempt == 2:
                     raise

@@ -1,0 +1,153 @@
+"""The DAG in kubernetes mode against the kmock API emulator, and every manifest it sends, validated.
+
+The whole DAG runs under `airflow dags test` with BERTDISTILL_MODE=kubernetes: every step
+becomes a KubernetesPodOperator pod and distill an MPIJob, sent to kmock; the stand-in
+kubelet in cluster.py runs each pod's command locally. Checked: each pod's spec (image,
+command, resources with a GPU for label-teacher, Secret-fed credentials, security context,
+service account), that every pod and the MPIJob were deleted afterwards, that the MPIJob
+was followed through its conditions, and that every Pod and the MPIJob's pod templates pass
+`kubernetes-validate --strict` and the MPIJob the CRD's own schema. Not exercised: a real
+scheduler, images, GPUs, the MPI operator's ssh wiring, RBAC enforcement.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.dags.test_dag_run import TINY, dags_test, run_env, tasks_run
+
+pytest.importorskip("kmock")
+pytest.importorskip("airflow")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytestmark = pytest.mark.slow
+
+CRD = Path(__file__).resolve().parents[3] / "shared" / "k8s" / "kubeflow.org_mpijobs.yaml"
+STEP_TASKS = {"fetch-dump", "extract", "build-corpus", "make-examples", "fetch-teacher", "adapt-teacher",
+              "label-teacher", "evaluate", "publish"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from tests.k8s.cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("scratch"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def k8s_env(cluster, airflow_env, tmp_path_factory):
+    kubeconfig = cluster.kubeconfig(tmp_path_factory.mktemp("kube") / "config")
+    return {**airflow_env, "BERTDISTILL_MODE": "kubernetes",
+            "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps({"conn_type": "kubernetes",
+                                                           "extra": {"kube_config_path": str(kubeconfig)}})}
+
+
+@pytest.fixture(scope="module")
+def k8s_run(cluster, k8s_env, sample, hf_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("k8srun")
+    env = {**run_env(k8s_env, sample, hf_teacher, str(root / "store"), root / "mlflow.db")}
+    proc = dags_test(env, TINY)
+    return root, proc
+
+
+def _created(cluster, resource: str) -> list[dict]:
+    k = cluster.kmock
+    return [r.data for r in cluster.requests(k.action.CREATE, k.resource(resource))]
+
+
+def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_run):
+    from tests.k8s.cluster import MPIJOBS, PODS
+
+    root, proc = k8s_run
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "publish" in tasks_run(out), out[-5000:]
+    assert out.count("running task <TaskInstance: bert_distillation.distill ") == 1  # no retry hid a failure
+    pods = _created(cluster, PODS)
+    by_step = {}
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert container["command"] == ["bertdistill"]
+        by_step.setdefault(container["args"][0], []).append(pod)
+    assert set(by_step) == STEP_TASKS
+    assert len(by_step["make-examples"]) == len(by_step["label-teacher"]) == 3  # mapped: 2 train + 1 held-out
+    for step, found in by_step.items():
+        spec = found[0]["spec"]
+        container = spec["containers"][0]
+        assert container["image"] == "bertdistill/pipeline:0.1.0"
+        assert spec["serviceAccountName"] == "bertdistill-steps"
+        assert container["envFrom"] == [{"secretRef": {"name": "bertdistill-s3"}}]
+        assert not any(e["name"].startswith("AWS_") for e in container.get("env", []))  # secrets only via Secret
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert len(env["BERTDISTILL_PARENT_RUN_ID"]) == 32  # the rendered MLflow parent run id
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        gpu = container["resources"]["requests"].get("nvidia.com/gpu")
+        assert (gpu == "1") == (step in ("label-teacher", "adapt-teacher")), step
+    # Every pod was deleted once it finished; the launcher pod belongs to the MPIJob's lifecycle.
+    k = cluster.kmock
+    deleted = {r.name for r in cluster.requests(k.action.DELETE, k.resource(PODS))}
+    assert {p["metadata"]["name"] for p in pods} <= deleted
+    [job] = _created(cluster, MPIJOBS)
+    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    assert launcher["command"][:3] == ["mpirun", "-np", "1"]
+    assert launcher["command"][launcher["command"].index("bertdistill") + 1] == "distill"
+    assert job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert len(cluster.requests(k.action.FETCH, k.resource(MPIJOBS))) >= 1  # followed its conditions
+    assert [r.name for r in cluster.requests(k.action.DELETE, k.resource(MPIJOBS))] == [job["metadata"]["name"]]
+    assert "[launcher] distill: 4 steps" in out  # the launcher's log, copied into the task log
+    assert list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
+
+
+def test_every_manifest_sent_validates_strictly(cluster, k8s_run):
+    import jsonschema
+    import yaml
+
+    from tests.k8s.cluster import MPIJOBS, PODS
+
+    version = kubernetes_validate.latest_version()
+    pods = _created(cluster, PODS)
+    jobs = _created(cluster, MPIJOBS)
+    assert pods and jobs
+    for pod in pods:
+        kubernetes_validate.validate(pod, version, strict=True)
+    crd = yaml.safe_load(CRD.read_text())
+    [schema] = [v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    for job in jobs:
+        jsonschema.validate(job, schema)
+        for role, replica in job["spec"]["mpiReplicaSpecs"].items():
+            template = replica["template"]
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role.lower()}", **template["metadata"]},
+                   "spec": template["spec"]}
+            kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_a_failed_mpijob_fails_the_task_and_is_deleted(cluster, k8s_env, monkeypatch, tmp_path):
+    """distill with a teacher that is not there: the launcher exits 2, the job reports Failed."""
+    from airflow.sdk.exceptions import AirflowException
+
+    from bertdistill.orchestration.mpijob import MPIJobOperator
+    from bertdistill.orchestration.settings import Settings
+    from tests.k8s.cluster import MPIJOBS
+
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", k8s_env["AIRFLOW_CONN_KUBERNETES_DEFAULT"])
+    op = MPIJobOperator(task_id="distill", arguments=["distill", "--teacher", str(tmp_path / "none"), "--labels",
+                                                       str(tmp_path), "--output", str(tmp_path / "student")],
+                        workers=2, settings=Settings(mode="kubernetes"), env_vars={}, worker_resources={
+                            "cpu": "1", "memory": "1Gi"}, poll_interval=0.2)
+    ti = SimpleNamespace(dag_id="bert_distillation", task_id="distill", run_id="manual__x", map_index=-1,
+                         try_number=1)
+    with pytest.raises(AirflowException, match="failed: MPIJobFailed launcher exited 2"):
+        op.execute({"ti": ti})
+    k = cluster.kmock
+    name = op.job_name
+    assert name and name in [r.name for r in cluster.requests(k.action.DELETE, k.resource(MPIJOBS))]
+    [body] = [r.data for r in cluster.requests(k.action.CREATE, k.resource(MPIJOBS)) if r.data["metadata"]["name"]
+              == name]
+    assert body["metadata"]["labels"]["airflow.apache.org/run_id"] == "manual__x"
+    assert body["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 2
+
