@@ -7,11 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= data
 SAMPLE := $(DATA)/sample
-RUN := $(DATA)/runs/enwiki-20160101
-EXAMPLES := $(RUN)/examples/128-20-10
 PYTEST_ARGS ?=
 
-.PHONY: install horovod sample demo test lint bench clean
+.PHONY: install horovod sample demo up down test lint bench clean
 
 install: $(STAMP)
 
@@ -35,24 +33,35 @@ $(SAMPLE)/.done: $(STAMP) components/bertdistill/sample.py
 	$(BIN)/python -m bertdistill.sample --output $(SAMPLE) --cache .cache/wheels
 	touch $@
 
-# The data half of the pipeline on the sample dump, into ./data (reruns skip finished steps).
+# The whole DAG on the embedded default, through Airflow's own test runner: steps as local
+# processes, ./data as the store, a sqlite MLflow store in data/mlflow. Sized for a 2-core
+# laptop; reruns skip what is done (a dump already distilled stops at the first task).
+AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False BERTDISTILL_STORE=$(CURDIR)/$(DATA) \
+	BERTDISTILL_MIRROR=$(CURDIR)/$(SAMPLE)/mirror BERTDISTILL_TEACHER=$(CURDIR)/$(SAMPLE)/minilm
+DEMO_CONF ?= {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "dupe_factor": 2, \
+	"adapt_steps": 120, "student_layers": 3, "top_k": 10, "train_steps": 200, "batch_size": 32, "ranks": 1}
+
 demo: sample
-	$(BIN)/bertdistill fetch-dump --wiki enwiki --date latest --mirror $(SAMPLE)/mirror --output $(DATA)/dumps
-	$(BIN)/bertdistill extract --input $(DATA)/dumps/enwiki/20160101/enwiki-20160101-pages-articles1.xml-p10p30302.bz2 \
-		--output $(RUN)/articles
-	$(BIN)/bertdistill build-corpus --input $(RUN)/articles --output $(RUN)/text --train-shards 4 --heldout-shards 1
-	for shard in $$(cd $(RUN)/text && ls {train,heldout}/shard-*.txt); do \
-		$(BIN)/bertdistill make-examples --input $(RUN)/text/$$shard --vocab-file $(SAMPLE)/vocab.txt \
-			--output $(EXAMPLES)/$${shard%.txt}.tfrecord || exit 1; \
-	done
-	@echo; echo "demo: made in $(DATA):"; find $(DATA)/dumps $(RUN) -type f -not -name '.*' | sort | \
-		while read -r f; do printf '  %10s  %s\n' "$$(stat -c %s "$$f")" "$$f"; done
+	$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null
+	$(AIRFLOW_ENV) $(BIN)/airflow dags test bert_distillation -c '$(DEMO_CONF)' > $(DATA)/demo.log 2>&1 || \
+		(tail -n 40 $(DATA)/demo.log; echo "demo: the DAG run failed; full log in $(DATA)/demo.log"; exit 1)
+	@grep -E "\[DAG TEST\] running task" $(DATA)/demo.log | sed -E 's/.*bert_distillation\.([a-z_]+).*/  ran \1/' | uniq -c
+	@$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.summary
+
+# Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) and an MLflow server,
+# all on 127.0.0.1; prints the login. Trigger bert_distillation from the UI's form.
+up: sample
+	$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.local_stack up
+
+down:
+	$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.local_stack down
 
 test: sample
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check components tests bench
+	$(BIN)/ruff check components dags tests bench
 
 bench: sample
 	$(BIN)/python bench/make_examples.py
@@ -60,4 +69,4 @@ bench: sample
 	$(BIN)/python bench/train.py
 
 clean:
-	rm -rf $(VENV) $(DATA) .cache .pytest_cache
+	rm -rf $(VENV) $(DATA) .airflow .cache .pytest_cache

@@ -24,7 +24,9 @@ from bertdistill.orchestration.settings import Settings
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v2beta1", "mpijobs", "MPIJob"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
-FORWARDED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "BERTDISTILL_SCRATCH", "HOME")
+SSH_DIR = "/home/bertdistill/.ssh"
+FORWARDED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "BERTDISTILL_SCRATCH", "HOME",
+             "TMPDIR")
 
 
 def label_value(text: str) -> str:
@@ -49,7 +51,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
     from kubernetes.client import ApiClient
     from kubernetes.client import models as k8s
 
-    env = {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH}
+    env = {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH, "TMPDIR": SCRATCH}
     forwarded = sorted({*env, *FORWARDED})
     mpirun = ["mpirun", "-np", str(workers), "--bind-to", "none", "--map-by", "slot",
               *[flag for name in forwarded for flag in ("-x", name)], "bertdistill", *arguments]
@@ -60,7 +62,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
             env=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items())],
             env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
             resources=container_resources(wanted, settings.gpu_resource),
-            security_context=security_context() if role == "launcher" else None,
+            security_context=security_context(read_only_root=role == "launcher"),
             volume_mounts=[k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)])
         spec = k8s.V1PodSpec(containers=[container], service_account_name=settings.service_account,
                              volumes=[k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())])
@@ -73,6 +75,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
         "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
         "spec": {
             "slotsPerWorker": 1,
+            "sshAuthMountPath": SSH_DIR,  # the trainer image's non-root user
             "mpiImplementation": "OpenMPI",
             "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0},
             "mpiReplicaSpecs": {

@@ -76,12 +76,12 @@ def container_resources(wanted: dict[str, str], gpu_resource: str):
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
-def security_context():
-    """Steps run as an unprivileged user with nothing to escalate to."""
+def security_context(read_only_root: bool = True):
+    """Steps run as an unprivileged user with nothing to escalate to (MPI workers' sshd writes its home)."""
     from kubernetes.client import models as k8s
 
     return k8s.V1SecurityContext(run_as_non_root=True, run_as_user=10001, allow_privilege_escalation=False,
-                                 read_only_root_filesystem=True,
+                                 read_only_root_filesystem=read_only_root,
                                  capabilities=k8s.V1Capabilities(drop=["ALL"]),
                                  seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
@@ -96,7 +96,7 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
         "service_account_name": settings.service_account,
         "image": settings.pipeline_image,
         "cmds": ["bertdistill"],
-        "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH},
+        "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH, "TMPDIR": SCRATCH},
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
         "container_resources": container_resources(RESOURCES[task_id], settings.gpu_resource),
         "container_security_context": security_context(),

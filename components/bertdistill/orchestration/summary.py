@@ -1,0 +1,52 @@
+"""What a finished run left in MLflow, printed for a person: `python -m bertdistill.orchestration.summary`.
+
+Exits 1 when no student is registered, so `make demo` fails loudly if the DAG did not publish.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from bertdistill.orchestration.settings import Settings
+
+MODEL = "bertdistill-student"
+
+
+def main() -> int:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    settings = Settings.load()
+    uri = settings.tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        champion = client.get_model_version_by_alias(MODEL, "champion")
+    except MlflowException:
+        print(f"no '{MODEL}' with alias champion in {uri}: the run did not publish a student", file=sys.stderr)
+        return 1
+    run = client.get_run(champion.run_id)
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    parent = client.get_run(parent_id) if parent_id else None
+    with tempfile.TemporaryDirectory() as tmp:
+        report = json.loads(Path(client.download_artifacts(champion.run_id, "report.json", tmp)).read_text())
+    s, t = report["student"], report["teacher"]
+    print(f"""
+MLflow store:      {uri}
+pipeline run:      {parent.info.run_name if parent else "-"} {parent_id or ""}
+registered model:  {MODEL} version {champion.version} (alias champion)
+held-out MLM top-1 student {s['mlm_accuracy']:.1%} vs teacher {t['mlm_accuracy']:.1%} \
+({report['student_over_teacher']:.1%} kept); baseline {report['baseline']['mlm_accuracy']:.1%}
+student {s['layers']} layers, {s['parameters'] / 1e6:.1f} M parameters; encoder {report['speedup_encoder']:.2f}x faster
+student SavedModel: {run.data.tags.get('bertdistill.output', '-')}
+
+Browse:  make up   then Airflow http://127.0.0.1:8080 and MLflow http://127.0.0.1:5000
+   or:   .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri {uri}
+""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
