@@ -9,7 +9,7 @@ DATA ?= data
 SAMPLE := $(DATA)/sample
 PYTEST_ARGS ?=
 
-.PHONY: install horovod sample demo up down test lint bench clean
+.PHONY: install horovod sample demo up down images chart test lint bench clean
 
 install: $(STAMP)
 
@@ -56,6 +56,27 @@ up: sample
 
 down:
 	$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.local_stack down
+
+# Images with docker or podman, whichever exists (none on the CI machines): REGISTRY=... to tag for a push.
+REGISTRY ?= bertdistill
+VERSION ?= 0.1.0
+ENGINE := $(shell command -v docker || command -v podman)
+images:
+	@test -n "$(ENGINE)" || (echo "make images: no docker or podman here"; exit 1)
+	$(ENGINE) build -f containers/pipeline/Dockerfile -t $(REGISTRY)/pipeline:$(VERSION) .
+	$(ENGINE) build -f containers/pipeline/Dockerfile --build-arg VARIANT=gpu -t $(REGISTRY)/pipeline:$(VERSION)-gpu .
+	$(ENGINE) build -f containers/trainer/Dockerfile --build-arg BASE=$(REGISTRY)/pipeline:$(VERSION) \
+		-t $(REGISTRY)/trainer:$(VERSION) .
+	$(ENGINE) build -f containers/airflow/Dockerfile -t $(REGISTRY)/airflow:$(VERSION) .
+
+# Lint and render the chart with Helm's Go SDK (no helm binary needed), and lint the Dockerfiles.
+chart: $(STAMP)
+	$(BIN)/python -c "import helm_python as h, json; r = h.lint('helm/bertdistill'); print(json.dumps(r, indent=1)); \
+		assert not r['errors']"
+	$(BIN)/python -c "import helm_python as h; c = h.Chart.load('helm/bertdistill'); \
+		print('\n---\n'.join(c.render({'s3': {'existingSecret': 'bertdistill-s3'}}, name='bertdistill', \
+		namespace='bertdistill').values()))"
+	$(BIN)/hadolint containers/*/Dockerfile
 
 test: sample
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
