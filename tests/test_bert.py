@@ -142,3 +142,28 @@ def test_a_link_in_the_archive_is_refused(tmp_path):
 def test_missing_source_is_named(tmp_path):
     proc = run_cli("fetch-teacher", "--source", str(tmp_path / "nope.zip"), "--output", str(tmp_path / "t"))
     assert proc.returncode == 2 and "nope.zip does not exist" in error_lines(proc)[0]
+
+
+def test_bfloat16_compute_trains_float32_variables_with_close_gradients():
+    """distill's mixed precision on a GPU: bfloat16 matmuls, float32 variables; gradients stay close."""
+    config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    rng = np.random.default_rng(0)
+    ids = tf.constant(rng.integers(0, 512, (4, 16)), tf.int32)
+    ones, zeros = tf.ones_like(ids), tf.zeros_like(ids)
+    positions = tf.constant(rng.integers(0, 16, (4, 3)), tf.int32)
+    grads = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        model = Bert(config, seed=3, compute_dtype=dtype)
+        with tf.GradientTape() as tape:
+            logits = model.mlm_logits(model.encode(ids, ones, zeros), positions)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(ids[:, :3], logits))
+        assert logits.dtype == tf.float32
+        variables = list(model.weights.values())
+        assert {v.dtype for v in variables} == {tf.float32}
+        grads[dtype] = np.concatenate([tf.convert_to_tensor(g).numpy().ravel()
+                                       for g in tape.gradient(loss, variables) if g is not None])
+    full, half = grads[tf.float32], grads[tf.bfloat16]
+    assert np.isfinite(half).all() and not np.array_equal(full, half)  # bfloat16 was really used
+    cosine = float(full @ half / (np.linalg.norm(full) * np.linalg.norm(half)))
+    assert cosine > 0.99

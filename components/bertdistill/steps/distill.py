@@ -172,13 +172,17 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     from bertdistill.bert.model import Bert
     from bertdistill.losses import masked_lm_loss, next_sentence_loss, soft_mlm_loss, soft_next_sentence_loss
     from bertdistill.optim import AdamW
+    from bertdistill.steps.label_teacher import accelerator
     from bertdistill.tfdata import labelled_dataset
 
     G = params.grad_accum
     groups = _label_groups(shards, world, G)
     mine = range(world.rank * G // world.size, (world.rank + 1) * G // world.size)
     config, init = _student(params, teacher_config, teacher_weights)
-    model = Bert(config, seed=params.seed)
+    # Mixed precision on a GPU: bfloat16 compute, float32 variables and AdamW moments (bfloat16
+    # keeps float32's exponent range, so no loss scaling); plain float32 on a CPU.
+    _, dtype = accelerator()
+    model = Bert(config, seed=params.seed, compute_dtype=tf.dtypes.as_dtype(dtype))
     if init is not None:
         model.assign(init)
     variables = list(model.weights.values())
@@ -239,7 +243,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
                "final_loss": float(np.mean(history[-10:])), "seconds": round(progress.elapsed, 1),
                "step_seconds": step_seconds,
                "student_layers": config.num_hidden_layers, "student_parameters": model.parameter_count(),
-               "student_config": asdict(config), "ranks": world.size,
+               "student_config": asdict(config), "ranks": world.size, "compute_dtype": dtype,
                "weights_sha256_per_rank": world.gather(digest),
                "shards_per_rank": world.gather(sorted(s for g in mine for s in groups[g]))}
     return summary, config, model.numpy_weights()
