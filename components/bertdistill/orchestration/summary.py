@@ -6,6 +6,7 @@ Exits 1 when no student is registered, so `make demo` fails loudly if the DAG di
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ MODEL = "bertdistill-student"
 
 
 def main() -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
