@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         tracking.log_step(args.step, manifest, output)
-    except Exception as exc:  # the work is committed; a rerun skips it and logs again
+    except Exception as exc:  # the work is committed; a rerun (a retry) skips it and logs again
         print(f"error: {args.step}: finished, but logging to MLflow failed: {tracking.registry_error(exc, 'logging')}",
               file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

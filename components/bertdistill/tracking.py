@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +119,20 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
             c.log_batch(run_id, params=params[i: i + 100])
         for i in range(0, len(metrics), 1000):
             c.log_batch(run_id, metrics=metrics[i: i + 1000])
-        c.log_inputs(run_id, datasets=[
-            DatasetInput(DatasetEntity(name=role, digest=fingerprint[:36], source_type=_source_type(uri),
-                                       source=json.dumps({"uri": uri})),
-                         tags=[InputTag("mlflow.data.context", role)])
-            for role, uri, fingerprint in _inputs(manifest)])
+        datasets = [DatasetInput(DatasetEntity(name=role, digest=fingerprint[:36], source_type=_source_type(uri),
+                                               source=json.dumps({"uri": uri})),
+                                 tags=[InputTag("mlflow.data.context", role)])
+                    for role, uri, fingerprint in _inputs(manifest)]
+        for attempt in range(3):
+            try:
+                c.log_inputs(run_id, datasets=datasets)
+                break
+            except Exception:
+                # Parallel shard steps register the same dataset at once, and the server's
+                # get-or-create loses the race with a unique-constraint error; the retry finds it.
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 + random.random())
         _log_artifacts(c, run_id, manifest, output_uri)
         c.log_batch(run_id, tags=[RunTag("bertdistill.created", manifest.created or "")])
     except Exception:

@@ -37,8 +37,10 @@ def stack(tmp_path_factory, airflow_env, sample, hf_teacher):
     from bertdistill.orchestration import local_stack
 
     root = tmp_path_factory.mktemp("stack")
+    # No scheduled run: unpausing would start this month's run with the form's full-size defaults,
+    # which holds the one active-run slot ahead of the run under test.
     extra = {"BERTDISTILL_MIRROR": str(sample / "mirror"), "BERTDISTILL_TEACHER": str(hf_teacher),
-             "PYTHONPATH": airflow_env["PYTHONPATH"]}
+             "PYTHONPATH": airflow_env["PYTHONPATH"], "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
     info = local_stack.up(root / "airflow", root / "data", free_port(), free_port(), extra_env=extra, timeout=300)
     try:
         yield info, root
