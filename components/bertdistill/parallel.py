@@ -15,6 +15,11 @@ from typing import Any
 from bertdistill.errors import StepError
 
 LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# Horovod's coordination thread wakes every HOROVOD_CYCLE_TIME ms (default 1) and, with one core
+# per rank, takes that core from the training thread: 2 ranks x 1 thread reached 0.82 of 1 rank x
+# 2 threads here with the defaults, 0.91 at 10 ms, 0.94 with one fusion buffer for the whole
+# gradient (~70 MB for a 3-layer student). A step takes seconds, so 10 ms of latency is nothing.
+HOROVOD_DEFAULTS = {"HOROVOD_CYCLE_TIME": "10", "HOROVOD_FUSION_THRESHOLD": str(256 << 20)}
 INSTALL_HINT = ("apt-get install -y libopenmpi-dev openmpi-bin && HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "
                 "HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 "
                 "pip install --no-build-isolation horovod==0.28.1  (or: make horovod)")
@@ -57,5 +62,7 @@ def init_world() -> World:
         import horovod.tensorflow as hvd
     except ImportError:
         raise StepError(f"started by an MPI/Horovod launcher but horovod is not installed: {INSTALL_HINT}") from None
+    for name, value in HOROVOD_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     hvd.init()
     return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd)
