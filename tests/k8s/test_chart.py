@@ -98,7 +98,7 @@ def test_the_configmap_is_what_the_dag_reads_and_where_airflow_loads_it():
     from bertdistill.orchestration.settings import Settings
 
     [config] = [o for o in render(VALUES) if o["kind"] == "ConfigMap"]
-    fields = {f"BERTDISTILL_{name.upper()}" for name in Settings.__dataclass_fields__ if name != "extra_env"}
+    fields = {f"BERTDISTILL_{name.upper()}" for name in Settings.__dataclass_fields__}
     assert set(config["data"]) <= fields
     assert config["data"]["BERTDISTILL_MODE"] == "kubernetes"
     assert config["metadata"]["namespace"] == "airflow"

@@ -8,7 +8,7 @@ the embedded mode: steps as local processes, ./data as the store, a sqlite MLflo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("local", "kubernetes")
@@ -42,12 +42,10 @@ class Settings:
     trainer_image: str = "bertdistill/trainer:0.1.0"
     s3_secret: str = "bertdistill-s3"
     gpu_resource: str = "nvidia.com/gpu"
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> Settings:
-        names = [f for f in cls.__dataclass_fields__ if f != "extra_env"]
-        values = {name: _get(name, getattr(cls, name)) for name in names}
+        values = {name: _get(name, getattr(cls, name)) for name in cls.__dataclass_fields__}
         settings = cls(**values)
         if settings.mode not in MODES:
             raise ValueError(f"BERTDISTILL_MODE={settings.mode!r}: use one of {', '.join(MODES)}")

@@ -6,28 +6,29 @@ They read only manifests (JSON) through store.py; nothing here imports TensorFlo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
+from bertdistill.manifest import Manifest, read_manifest
 from bertdistill.orchestration import plan as planning
 from bertdistill.orchestration.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def _manifest(folder_uri: str, name: str = planning.MANIFEST) -> dict | None:
+def _manifest(folder_uri: str, name: str = planning.MANIFEST) -> Manifest | None:
     from bertdistill.store import open_folder
 
-    folder = open_folder(folder_uri)
-    return json.loads(folder.read_bytes(name)) if folder.exists(name) else None
+    return read_manifest(open_folder(folder_uri), name)
 
 
 def _tracking_env(settings: Settings) -> None:
     """The tracking settings the steps get, for the MLflow client in this process."""
+    from bertdistill import tracking
+
     os.environ.update({k: v for k, v in settings.step_env().items()
-                       if k.startswith("MLFLOW_") or k == "BERTDISTILL_MLFLOW_ARTIFACTS"})
+                       if k.startswith("MLFLOW_") or k == tracking.ARTIFACTS_ENV})
 
 
 def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict | bool:
@@ -42,7 +43,7 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict
     published = _manifest(folder, name)
     if published and not p["force"]:
         log.info("%s %s was already distilled and published (%s, model version %s): nothing to do",
-                 p["wiki"], date, plan["student"], published["summary"].get("model_version"))
+                 p["wiki"], date, plan["student"], published.summary.get("model_version"))
         return False
     log.info("plan: %s %s -> %s", p["wiki"], date, plan["run"])
     return plan
@@ -77,7 +78,7 @@ def extract_arguments(plan: dict) -> list[list[str]]:
     manifest = _manifest(plan["dump_folder"])
     if manifest is None:
         raise RuntimeError(f"{plan['dump_folder']} has no manifest: fetch_dump did not finish")
-    names = sorted(n for n in manifest["outputs"] if ".xml" in n)
+    names = sorted(n for n in manifest.outputs if ".xml" in n)
     return planning.extract_args(plan, names)
 
 
@@ -85,7 +86,7 @@ def teacher_has_mlm_head(plan: dict) -> bool:
     manifest = _manifest(plan["teacher"])
     if manifest is None:
         raise RuntimeError(f"{plan['teacher']} has no manifest: fetch_teacher did not finish")
-    return "mlm" in manifest["summary"].get("heads", [])
+    return "mlm" in manifest.summary.get("heads", [])
 
 
 def training_arguments(plan: dict) -> dict[str, Any]:
