@@ -9,7 +9,9 @@ DATA ?= data
 SAMPLE := $(DATA)/sample
 PYTEST_ARGS ?=
 
-.PHONY: install horovod sample demo up down images chart test lint bench clean
+HOROVOD_VERSION := 0.28.1
+
+.PHONY: install horovod podman base-image sample demo up down images images-gpu chart test lint bench clean
 
 install: $(STAMP)
 
@@ -25,7 +27,28 @@ $(STAMP): pyproject.toml
 horovod:
 	command -v mpirun >/dev/null || (apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin)
 	HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
-		HOROVOD_WITHOUT_MXNET=1 $(BIN)/python -m pip install -q --no-build-isolation horovod==0.28.1
+		HOROVOD_WITHOUT_MXNET=1 $(BIN)/python -m pip install -q --no-build-isolation horovod==$(HOROVOD_VERSION)
+
+# Podman from Debian's packages (root, like OpenMPI above), run with an engine config of the project's
+# own: runc (crun refuses a hybrid cgroup layout), cgroupfs, a file events log, and ulimits the host
+# allows (nofile at its hard limit; nproc above 32768 fails setrlimit in some sandboxes).
+export CONTAINERS_CONF := $(CURDIR)/.cache/containers/containers.conf
+podman: $(CONTAINERS_CONF)
+
+$(CONTAINERS_CONF):
+	command -v podman >/dev/null && command -v mmdebstrap >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah mmdebstrap runc >/dev/null)
+	mkdir -p $(@D)
+	printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n' \
+		"$$(ulimit -Hn)" "$$(ulimit -Hn)" > $@.tmp && mv $@.tmp $@
+
+# A Python 3.11 base image made locally from Debian bookworm, for machines that reach no container
+# registry (air-gapped clusters, these tests): `make images PYTHON_IMAGE=$(LOCAL_PYTHON_IMAGE)`.
+LOCAL_PYTHON_IMAGE := localhost/bertdistill/python:3.11-bookworm
+base-image: podman
+	podman image exists $(LOCAL_PYTHON_IMAGE) || \
+		(mmdebstrap --quiet --variant=apt --include=python3.11,python3-venv,python3-pip,python-is-python3,ca-certificates \
+			bookworm - | podman import --change 'CMD ["python3"]' - $(LOCAL_PYTHON_IMAGE))
 
 sample: $(SAMPLE)/.done
 
@@ -57,17 +80,32 @@ up: sample
 down:
 	$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.local_stack down
 
-# Images with docker or podman, whichever exists (none on the CI machines): REGISTRY=... to tag for a push.
+# Images with docker or podman, whichever exists (`make podman` installs podman): REGISTRY=... to tag
+# for a push, PYTHON_IMAGE=... for another base than the official python image, CA_BUNDLE=FILE for a
+# TLS-inspecting proxy (a build secret: used by the RUN steps, never stored in an image),
+# AIRFLOW_IMAGE=... for another base than the official Airflow image.
 REGISTRY ?= bertdistill
 VERSION ?= 0.1.0
+PYTHON_IMAGE ?=
+AIRFLOW_IMAGE ?=
+CA_BUNDLE ?=
 ENGINE := $(shell command -v docker || command -v podman)
+BUILD := $(ENGINE) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	$(if $(CA_BUNDLE),--secret id=ca_bundle,src=$(CA_BUNDLE)) --build-arg HOROVOD_VERSION=$(HOROVOD_VERSION)
 images:
-	@test -n "$(ENGINE)" || (echo "make images: no docker or podman here"; exit 1)
-	$(ENGINE) build -f containers/pipeline/Dockerfile -t $(REGISTRY)/pipeline:$(VERSION) .
-	$(ENGINE) build -f containers/pipeline/Dockerfile --build-arg VARIANT=gpu -t $(REGISTRY)/pipeline:$(VERSION)-gpu .
-	$(ENGINE) build -f containers/trainer/Dockerfile --build-arg BASE=$(REGISTRY)/pipeline:$(VERSION) \
+	@test -n "$(ENGINE)" || (echo "make images: no docker or podman here (make podman installs podman)"; exit 1)
+	$(BUILD) -f containers/pipeline/Dockerfile -t $(REGISTRY)/pipeline:$(VERSION) .
+	$(BUILD) -f containers/trainer/Dockerfile --build-arg BASE=$(REGISTRY)/pipeline:$(VERSION) \
 		-t $(REGISTRY)/trainer:$(VERSION) .
-	$(ENGINE) build -f containers/airflow/Dockerfile -t $(REGISTRY)/airflow:$(VERSION) .
+	$(BUILD) $(if $(AIRFLOW_IMAGE),--build-arg AIRFLOW_IMAGE=$(AIRFLOW_IMAGE)) -f containers/airflow/Dockerfile \
+		-t $(REGISTRY)/airflow:$(VERSION) .
+
+# The GPU variants of the pipeline (adapt-teacher, label-teacher) and trainer (distill) images.
+images-gpu:
+	@test -n "$(ENGINE)" || (echo "make images-gpu: no docker or podman here"; exit 1)
+	$(BUILD) -f containers/pipeline/Dockerfile --build-arg VARIANT=gpu -t $(REGISTRY)/pipeline:$(VERSION)-gpu .
+	$(BUILD) -f containers/trainer/Dockerfile --build-arg VARIANT=gpu --build-arg BASE=$(REGISTRY)/pipeline:$(VERSION)-gpu \
+		-t $(REGISTRY)/trainer:$(VERSION)-gpu .
 
 # Lint and render the chart with Helm's Go SDK (no helm binary needed), and lint the Dockerfiles.
 chart: $(STAMP)

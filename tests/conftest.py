@@ -247,3 +247,17 @@ def hf_teacher(tmp_path_factory, sample):
     transformers.BertModel(config).save_pretrained(folder)
     shutil.copyfile(sample / "vocab.txt", folder / "vocab.txt")
     return folder
+
+
+@pytest.fixture(scope="session")
+def two_label_shards(tmp_path_factory, corpus, sample, tiny_teacher):
+    """Two labelled train shards (the sample's train text at dupe_factor 1): a folder distill trains on."""
+    root = tmp_path_factory.mktemp("two-shards")
+    for i in (0, 1):
+        run_cli("make-examples", "--input", str(corpus / "text" / "train" / f"shard-0000{i}.txt"), "--output",
+                str(root / "examples" / f"shard-0000{i}.tfrecord"), "--vocab-file", str(sample / "vocab.txt"),
+                "--dupe-factor", "1", check=True)
+        run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input",
+                str(root / "examples" / f"shard-0000{i}.tfrecord"), "--output",
+                str(root / "labels" / "train" / f"shard-0000{i}.tfrecord"), check=True)
+    return root / "labels"

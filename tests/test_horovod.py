@@ -12,23 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
-
 HOROVODRUN = shutil.which("horovodrun", path=str(Path(sys.executable).parent))
 pytestmark = pytest.mark.skipif(HOROVODRUN is None, reason="horovod is not installed (make install builds it)")
-
-
-@pytest.fixture(scope="module")
-def two_shards(tmp_path_factory, corpus, sample, tiny_teacher):
-    root = tmp_path_factory.mktemp("hvd")
-    for i in (0, 1):
-        run_cli("make-examples", "--input", str(corpus / "text" / "train" / f"shard-0000{i}.txt"), "--output",
-                str(root / "examples" / f"shard-0000{i}.tfrecord"), "--vocab-file", str(sample / "vocab.txt"),
-                "--dupe-factor", "1", check=True)
-        run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input",
-                str(root / "examples" / f"shard-0000{i}.tfrecord"), "--output",
-                str(root / "labels" / "train" / f"shard-0000{i}.tfrecord"), check=True)
-    return root / "labels"
 
 
 def _distill(teacher, labels, out, ranks: int, threads: int) -> subprocess.CompletedProcess:
@@ -41,10 +26,10 @@ def _distill(teacher, labels, out, ranks: int, threads: int) -> subprocess.Compl
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
-def test_two_ranks_stay_identical_read_disjoint_shards_and_match_one_rank(tmp_path, tiny_teacher, two_shards):
-    two = _distill(tiny_teacher, two_shards, tmp_path / "two", 2, 1)
+def test_two_ranks_stay_identical_read_disjoint_shards_and_match_one_rank(tmp_path, tiny_teacher, two_label_shards):
+    two = _distill(tiny_teacher, two_label_shards, tmp_path / "two", 2, 1)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = _distill(tiny_teacher, two_shards, tmp_path / "one", 1, 2)
+    one = _distill(tiny_teacher, two_label_shards, tmp_path / "one", 1, 2)
     assert one.returncode == 0, one.stderr[-3000:]
     s2 = json.loads((tmp_path / "two" / "_MANIFEST.json").read_text())["summary"]
     s1 = json.loads((tmp_path / "one" / "_MANIFEST.json").read_text())["summary"]
@@ -57,10 +42,10 @@ def test_two_ranks_stay_identical_read_disjoint_shards_and_match_one_rank(tmp_pa
     assert (tmp_path / "two" / "checkpoints" / "ckpt-0000004.safetensors").stat().st_size > 0  # rank 0 wrote it
 
 
-def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path, tiny_teacher, two_shards):
+def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path, tiny_teacher, two_label_shards):
     one_shard = tmp_path / "labels"
     (one_shard / "train").mkdir(parents=True)
-    for f in (two_shards / "train").glob("*shard-00000*"):
+    for f in (two_label_shards / "train").glob("*shard-00000*"):
         shutil.copyfile(f, one_shard / "train" / f.name)
     proc = _distill(tiny_teacher, one_shard, tmp_path / "out", 2, 1)
     assert proc.returncode != 0

@@ -1,8 +1,9 @@
 """`bertdistill <step> [--flags]`: the only entry point a container runs.
 
 Each subcommand maps its flags onto the step's params dataclass and calls the step's
-run(). A StepError (bad input or environment) becomes one `error:` line and exit code 2;
-anything else is a bug and keeps its traceback (exit 1).
+run(). A StepError becomes one `error:` line and its exit code: 2 for bad input (retrying
+cannot help), 1 for a TransientError (errors.py); anything else is a bug and keeps its
+traceback (exit 1, retried like a transient fault).
 """
 
 from __future__ import annotations
@@ -195,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = module.run(params)
     except StepError as exc:
         print(f"error: {args.step}: {exc}", file=sys.stderr)
-        tracking.log_failure(args.step, str(exc), output)
-        return 2
+        try:
+            tracking.log_failure(args.step, str(exc), output)
+        except Exception as logging_exc:  # the step's own exit code says more than the tracking failure
+            print(f"warning: {args.step}: the failure could not be logged to MLflow: {logging_exc}", file=sys.stderr)
+        return exc.exit_code
     if manifest is None:  # a Horovod rank other than 0: rank 0 logs
         return 0
     try:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from bertdistill.errors import StepError
+from bertdistill.errors import StepError, TransientError
 from bertdistill.store import TEMP_MARK, Folder, scratch_dir
 
 
@@ -141,23 +141,39 @@ def s3_client():
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
+# Answers an S3 server gives when it is busy or briefly broken: worth a later try (botocore has
+# already retried them a few times within the call).
+TRANSIENT_S3_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                      "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
+
+
 def _explain_s3_error(exc: Exception, what: str, bucket: str) -> Exception:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     if isinstance(exc, StepError):
         return exc
     if isinstance(exc, EndpointConnectionError):
-        return StepError(f"{what}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}); "
-                         "check BERTDISTILL_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the network")
+        return TransientError(f"{what}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}); "
+                              "check BERTDISTILL_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the network")
+    if isinstance(exc, ConnectionClosedError | ReadTimeoutError):
+        return TransientError(f"{what}: the connection to the S3 endpoint broke off ({exc}); a retry may pass")
     if isinstance(exc, NoCredentialsError):
         return StepError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
                          "AWS_SECRET_ACCESS_KEY or an AWS profile")
     if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket", "404", "NotFound"):
             return StepError(f"{what}: bucket {bucket!r} does not exist; create it or fix the URI")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
             return StepError(f"{what}: the S3 server rejected the credentials ({code}); check "
                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+        if code in TRANSIENT_S3_CODES:
+            return TransientError(f"{what}: the S3 server is busy or failing ({code}); a retry may pass")
         return StepError(f"{what}: S3 error {code}: {exc}")
     return exc

@@ -46,7 +46,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 def scratch_dir() -> Path:
     """Where staged copies of remote objects live; a pod mounts an emptyDir here."""
     root = Path(os.environ.get("BERTDISTILL_SCRATCH") or Path(tempfile.gettempdir()) / "bertdistill")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {root}")
+    except OSError as exc:
+        raise StepError(f"the scratch folder {root} is not writable ({exc.strerror or exc}): mount a writable "
+                        "volume there (in a pod, an emptyDir) or set BERTDISTILL_SCRATCH to a writable folder"
+                        ) from None
     return root
 
 

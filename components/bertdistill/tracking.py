@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bertdistill.errors import StepError
+from bertdistill.errors import StepError, TransientError
 from bertdistill.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
     from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
     c = client()
-    parent = os.environ.get(PARENT_RUN_ENV)
+    parent = parent_run_id()
     tags = {"bertdistill.step": step, "bertdistill.output": output_uri}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -143,12 +143,18 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
     return run_id
 
 
+def parent_run_id() -> str | None:
+    """The pipeline run's id; a template that rendered nothing (no `prepare` task ran) is no parent."""
+    value = os.environ.get(PARENT_RUN_ENV, "").strip()
+    return None if value in ("", "None") else value
+
+
 def log_failure(step: str, error: str, output_uri: str | None) -> None:
     """A failed step still shows up under its pipeline run, with the error it printed."""
-    if not (enabled() and os.environ.get(PARENT_RUN_ENV)):
+    if not (enabled() and parent_run_id()):
         return
     c = client()
-    parent = os.environ[PARENT_RUN_ENV]
+    parent = parent_run_id()
     run = c.create_run(c.get_run(parent).info.experiment_id, run_name=f"{step} (failed)",
                        tags={"mlflow.parentRunId": parent, "bertdistill.step": step,
                              "bertdistill.error": error[:5000], "bertdistill.output": output_uri or ""})
@@ -203,5 +209,22 @@ def _log_artifacts(c, run_id: str, manifest: Manifest, output_uri: str) -> None:
 
 
 def registry_error(exc: Exception, what: str) -> StepError:
-    return StepError(f"{what} failed at MLflow ({os.environ.get('MLFLOW_TRACKING_URI') or 'default store'}): "
-                     f"{exc}; check MLFLOW_TRACKING_URI and that the server is reachable")
+    """A tracking server that could not be reached is a transient fault (retried); a refusal is not."""
+    where = os.environ.get("MLFLOW_TRACKING_URI") or "default store"
+    if _unreachable(exc):
+        return TransientError(f"{what} failed: MLflow at {where} cannot be reached ({exc}); "
+                              "check MLFLOW_TRACKING_URI and that the server is up")
+    return StepError(f"{what} failed at MLflow ({where}): {exc}; check MLFLOW_TRACKING_URI and the server's log")
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """Whether a connection failure or time-out is anywhere in the exception's chain."""
+    import requests
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout) or (
+                "Max retries exceeded" in str(exc)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

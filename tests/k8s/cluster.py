@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PODS, MPIJOBS = "v1/pods", "kubeflow.org/v2beta1/mpijobs"
@@ -45,7 +46,7 @@ class Cluster:
         self.emu.resources[MPIJOBS] = kmock.ResourceInfo(kind="MPIJob", namespaced=True)
         self.emu[kmock.action.LIST, kmock.resource(PODS)] << self._list_pods  # kmock ignores selectors
         self.emu[kmock.action.FETCH, kmock.resource(PODS)] << self._fetch_pod  # and has no status or logs
-        self.logs: dict[str, bytes] = {}
+        self.logs: dict[str, list[tuple[datetime, str]]] = {}
         self.handled: set[tuple[str, str, str]] = set()
         self.stopping = threading.Event()
         self.kubelet = threading.Thread(target=self._run, daemon=True)
@@ -87,9 +88,9 @@ current-context: kmock
         key = (PODS, request.namespace, request.name)
         found = next((o for k, o in list(self.emu.objects.items()) if k == key and not o.deleted), None)
         if request.subresource == "log":
-            return self.logs.get(request.name, b"")
-        if found is None:
-            return 404
+            return self._log(request.name, request.params)
+        if found is None:  # a real 404 (a bare 404 would be a 200 whose body the client reads as a Pod)
+            raise self.kmock.KubernetesObjectNotFoundError(f"pods {request.name!r} not found")
         return {**found.raw, "status": found.raw.get("status") or {"phase": "Pending"}}
 
     def objects(self, resource: str) -> list[tuple[str, str, dict]]:
@@ -125,7 +126,19 @@ current-context: kmock
         return proc.returncode, proc.stdout + proc.stderr
 
     def _serve_log(self, name: str, text: str) -> None:
-        self.logs[name] = text.encode()
+        """Each line stamped with the time it was served, as the kubelet stamps the lines it keeps."""
+        stamp = datetime.now(UTC)
+        self.logs[name] = [(stamp, line) for line in text.splitlines()]
+
+    def _log(self, name: str, params) -> bytes:
+        """A pod's log as the API server answers: `timestamps` prefixes RFC 3339 times, `sinceSeconds` cuts."""
+        lines = self.logs.get(name, [])
+        if params.get("sinceSeconds"):
+            oldest = datetime.now(UTC) - timedelta(seconds=int(params["sinceSeconds"]))
+            lines = [(t, line) for t, line in lines if t >= oldest]
+        if params.get("timestamps") in ("true", "True", "1"):
+            return "".join(f"{t.strftime('%Y-%m-%dT%H:%M:%S.%f')}000Z {line}\n" for t, line in lines).encode()
+        return "".join(f"{line}\n" for _, line in lines).encode()
 
     def _run_pod(self, ns: str, name: str, pod: dict) -> None:
         container = pod["spec"]["containers"][0]

@@ -69,10 +69,12 @@ def test_the_role_grants_only_what_the_pipeline_uses_in_its_namespace():
     [role] = [o for o in objects if o["kind"] == "Role"]
     assert role["metadata"]["namespace"] == "bertdistill"
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {("", "pods"), ("", "pods/log"), ("kubeflow.org", "mpijobs")}
+    assert granted == {("", "pods"), ("", "pods/log"), ("", "events"), ("kubeflow.org", "mpijobs")}
     assert not any("*" in rule["verbs"] for rule in role["rules"])
     [log_rule] = [r for r in role["rules"] if r["resources"] == ["pods/log"]]
     assert log_rule["verbs"] == ["get"]
+    [events_rule] = [r for r in role["rules"] if r["resources"] == ["events"]]
+    assert set(events_rule["verbs"]) == {"get", "list", "watch"}  # read-only: the pod operator's event watch
     [binding] = [o for o in objects if o["kind"] == "RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "airflow-worker", "namespace": "airflow"}]
     [steps_sa] = [o for o in objects if o["kind"] == "ServiceAccount"]
@@ -105,6 +107,27 @@ def test_the_configmap_is_what_the_dag_reads_and_where_airflow_loads_it():
     airflow_values = yaml.safe_load((ROOT / "helm" / "airflow-values.yaml").read_text())
     assert f"name: {config['metadata']['name']}" in airflow_values["extraEnvFrom"]
     assert airflow_values["workers"]["serviceAccount"]["name"] == "airflow-worker"
+
+
+def test_only_airflow_task_pods_get_the_s3_keys_and_task_logs_outlive_them():
+    airflow_values = yaml.safe_load((ROOT / "helm" / "airflow-values.yaml").read_text())
+    assert "secretRef" not in airflow_values["extraEnvFrom"]  # every component gets extraEnvFrom
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in airflow_values["workers"]["env"]}
+    assert set(from_secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert {ref["name"] for ref in from_secret.values()} == {"bertdistill-s3"}
+    assert airflow_values["executor"] == "KubernetesExecutor" and airflow_values["logs"]["persistence"]["enabled"]
+
+
+def test_the_mlflow_server_answers_the_address_notes_tells_users_to_open():
+    objects = render(VALUES)
+    [mlflow] = [o for o in objects if o["kind"] == "Deployment"]
+    [args] = [c["args"] for c in mlflow["spec"]["template"]["spec"]["containers"]]
+    [allowed] = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--allowed-hosts=")]
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(VALUES, name="bertdistill", namespace="bertdistill")
+    [text] = [v for k, v in out.items() if k.endswith("NOTES.txt")]
+    [address] = re.findall(r"open http://([\d.]+:\d+)", text)
+    assert address in allowed
 
 
 def test_missing_or_unknown_values_are_refused_with_a_fix():

@@ -169,3 +169,57 @@ def test_a_failed_mpijob_fails_the_task_and_is_deleted(cluster, k8s_env, monkeyp
     assert body["metadata"]["labels"]["airflow.apache.org/run_id"] == "manual__x"
     assert body["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 2
 
+
+
+EXIT_CODE_DAG = '''
+import json, os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag
+
+from bertdistill.orchestration.runners import StepOperators
+from bertdistill.orchestration.settings import Settings
+
+
+@dag(dag_id="one_step", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+     default_args={"retries": 1, "retry_delay": timedelta(seconds=1)})
+def one_step():
+    StepOperators(Settings.load()).single(os.environ["ONE_STEP_TASK"], json.loads(os.environ["ONE_STEP_ARGS"]))
+
+
+one_step()
+'''
+
+
+@pytest.mark.parametrize(("task_id", "arguments", "code", "tries"), [
+    # bad input: the teacher source does not exist -> exit 2, failed at once
+    ("fetch_teacher", ["fetch-teacher", "--source", "/nowhere/teacher.zip", "--output", "/scratch/t"], 2, 1),
+    # an S3 endpoint that does not answer -> exit 1 (transient), retried
+    ("build_corpus", ["build-corpus", "--input", "s3://bucket/articles", "--output", "s3://bucket/text",
+                      "--s3-endpoint-url", "http://127.0.0.1:9"], 1, 2),
+])
+def test_a_pod_that_refuses_its_input_fails_once_and_a_transient_failure_is_retried(
+        cluster, k8s_env, tmp_path, monkeypatch, task_id, arguments, code, tries):
+    """The DAG's own pod factory (StepOperators) in a one-task DAG with one retry, under `airflow dags test`."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}.items():
+        monkeypatch.setenv(key, value)  # what the Secret gives the pod (the stand-in kubelet reads this process's)
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "one_step.py").write_text(EXIT_CODE_DAG)
+    env = {**k8s_env, "AIRFLOW__CORE__DAGS_FOLDER": str(dags), "ONE_STEP_TASK": task_id,
+           "ONE_STEP_ARGS": json.dumps(arguments)}
+    import subprocess
+
+    from tests.conftest import airflow_bin
+
+    proc = subprocess.run([airflow_bin(), "dags", "test", "one_step"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert out.count(f"running task <TaskInstance: one_step.{task_id} ") == tries, out[-5000:]
+    pods = [r.data for r in cluster.requests(cluster.kmock.action.CREATE, cluster.kmock.resource("v1/pods"))
+            if r.data["spec"]["containers"][0].get("args") == arguments]
+    assert len(pods) == tries  # each try ran its own pod
+    assert ("refused its input (exit 2; not retried)" in out) == (code == 2), out[-5000:]
+    assert f"'exit_code': {code}," in out, out[-5000:]

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-BAD_INPUT = 2
+from bertdistill.errors import BAD_INPUT_EXIT
 
 
 def step_command(arguments: Sequence[str], ranks: int = 1) -> list[str]:
@@ -61,7 +61,7 @@ class LocalStepOperator(BaseOperator):
                 last_error = line
             self.log.info("%s", line)
         code = self._proc.wait()
-        if code == BAD_INPUT:
+        if code == BAD_INPUT_EXIT:
             raise AirflowFailException(f"{self.arguments[0]} refused its input (exit 2): {last_error}")
         if code != 0:
             raise AirflowException(f"{self.arguments[0]} failed with exit code {code}: {last_error or 'see the log'}")

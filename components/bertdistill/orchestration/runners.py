@@ -3,7 +3,8 @@
 The DAG asks for `single`, `mapped` or `distill` tasks; the mode in Settings decides the
 operator. All take the step's arguments (after `bertdistill`) from XCom, and all give the
 step the same environment: tracking settings, the MLflow parent run of this DAG run, and in
-Kubernetes the S3 credentials from a Secret (never from DAG code).
+Kubernetes the S3 credentials from a Secret (never from DAG code). In both modes a step that
+refuses its input (exit 2) fails its task at once; any other failure is left to the retries.
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ class StepOperators:
         if self.settings.mode == "kubernetes":
             from bertdistill.orchestration.mpijob import MPIJobOperator
 
+            # deferrable: the triggerer follows the training, which can take days, not a worker slot
             return MPIJobOperator(task_id=task_id, arguments=arguments, workers=RANKS, settings=self.settings,
-                                  env_vars=self.env(), worker_resources=RESOURCES["distill"])
+                                  env_vars=self.env(), worker_resources=RESOURCES["distill"], deferrable=True)
         from bertdistill.orchestration.local import LocalStepOperator
 
         return LocalStepOperator(task_id=task_id, arguments=arguments, env_vars=self.env(), ranks=RANKS)
 
     def _operator(self, task_id: str) -> tuple[type, dict[str, Any]]:
         if self.settings.mode == "kubernetes":
-            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+            from bertdistill.orchestration.pods import StepPodOperator
 
-            return KubernetesPodOperator, pod_kwargs(self.settings, task_id, self.env())
+            return StepPodOperator, pod_kwargs(self.settings, task_id, self.env())
         from bertdistill.orchestration.local import LocalStepOperator
 
         return LocalStepOperator, {"env_vars": self.env()}
@@ -87,24 +89,28 @@ def security_context(read_only_root: bool = True):
 
 
 def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[str, Any]:
-    """KubernetesPodOperator arguments for one step: image, resources, Secret-fed S3 credentials, scratch."""
+    """KubernetesPodOperator arguments for one step: image, resources, Secret-fed S3 credentials, scratch.
+
+    A step that asks for a GPU gets the GPU build of the pipeline image; the others the CPU build.
+    """
     from kubernetes.client import models as k8s
 
+    wanted = RESOURCES[task_id]
     return {
         "name": f"bertdistill-{task_id.replace('_', '-')}",
         "namespace": settings.namespace,
         "service_account_name": settings.service_account,
-        "image": settings.pipeline_image,
+        "image": settings.pipeline_gpu_image if "gpu" in wanted else settings.pipeline_image,
         "cmds": ["bertdistill"],
         "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH, "TMPDIR": SCRATCH},
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
-        "container_resources": container_resources(RESOURCES[task_id], settings.gpu_resource),
+        "container_resources": container_resources(wanted, settings.gpu_resource),
         "container_security_context": security_context(),
         "volumes": [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())],
         "volume_mounts": [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)],
         "labels": {"app.kubernetes.io/name": "bertdistill", "app.kubernetes.io/component": task_id},
         "get_logs": True,
         "on_finish_action": "delete_pod",
-        "reattach_on_restart": True,
+        "durable": True,  # a restarted worker follows the pod it started instead of starting another
         "startup_timeout_seconds": 600,
     }

@@ -1,8 +1,10 @@
 """Where and how the pipeline runs, from the environment: no code edit moves it to a cluster.
 
-Every setting is a BERTDISTILL_* variable (the Helm chart sets them on the Airflow pods; an
-Airflow Variable of the same name, lower-cased, takes precedence when set). The defaults are
-the embedded mode: steps as local processes, ./data as the store, a sqlite MLflow store in it.
+Every setting is a BERTDISTILL_* environment variable (the Helm chart's ConfigMap sets them on
+the Airflow pods). They are read from the environment alone: the mode decides which operators
+the DAG has, so they are needed at every parse, where an Airflow Variable would cost a
+metadata-database (or API) call each time. The defaults are the embedded mode: steps as local
+processes, ./data as the store, a sqlite MLflow store in it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,8 @@ MODES = ("local", "kubernetes")
 
 
 def _get(name: str, default: str) -> str:
-    """An Airflow Variable `bertdistill_<name>` if set, else BERTDISTILL_<NAME>, else the default."""
-    env = os.environ.get(f"BERTDISTILL_{name.upper()}")
-    try:
-        from airflow.sdk import Variable
-
-        value = Variable.get(f"bertdistill_{name}", default=None)
-    except Exception:  # outside a task (DAG parsing, tests): no Variables to read
-        value = None
-    return value if value not in (None, "") else (env if env not in (None, "") else default)
+    """BERTDISTILL_<NAME>, else the default."""
+    return os.environ.get(f"BERTDISTILL_{name.upper()}") or default
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,9 @@ class Settings:
     namespace: str = "bertdistill"
     service_account: str = "bertdistill-steps"
     pipeline_image: str = "bertdistill/pipeline:0.1.0"
-    trainer_image: str = "bertdistill/trainer:0.1.0"
+    pipeline_gpu_image: str = "bertdistill/pipeline:0.1.0-gpu"  # adapt-teacher, label-teacher
+    trainer_image: str = "bertdistill/trainer:0.1.0"  # distill's MPIJob, when its workers request no GPU
+    trainer_gpu_image: str = "bertdistill/trainer:0.1.0-gpu"
     s3_secret: str = "bertdistill-s3"
     gpu_resource: str = "nvidia.com/gpu"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from bertdistill.errors import StepError
+from bertdistill.errors import StepError, TransientError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, scratch_dir
@@ -193,7 +193,7 @@ def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: st
             raise StepError(f"{mirror.url(wiki, date, name)} not found on the mirror") from None
         except (OSError, urllib.error.URLError, _Interrupted) as exc:
             if attempt == ATTEMPTS:
-                raise StepError(f"downloading {mirror.url(wiki, date, name)} failed {ATTEMPTS} times ({exc}); "
+                raise TransientError(f"downloading {mirror.url(wiki, date, name)} failed {ATTEMPTS} times ({exc}); "
                                 f"{part.stat().st_size if part.exists() else 0:,} bytes are kept in {part}, "
                                 "rerun to resume") from None
             log.warning("download of %s interrupted (%s); resuming (attempt %d/%d)", name, exc,
