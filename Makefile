@@ -89,9 +89,10 @@ VERSION ?= 0.1.0
 PYTHON_IMAGE ?=
 AIRFLOW_IMAGE ?=
 CA_BUNDLE ?=
-ENGINE := $(shell command -v docker || command -v podman)
+ENGINE := $(shell command -v podman || command -v docker)
+comma := ,
 BUILD := $(ENGINE) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
-	$(if $(CA_BUNDLE),--secret id=ca_bundle,src=$(CA_BUNDLE)) --build-arg HOROVOD_VERSION=$(HOROVOD_VERSION)
+	$(if $(CA_BUNDLE),--secret id=ca_bundle$(comma)src=$(CA_BUNDLE)) --build-arg HOROVOD_VERSION=$(HOROVOD_VERSION)
 images:
 	@test -n "$(ENGINE)" || (echo "make images: no docker or podman here (make podman installs podman)"; exit 1)
 	$(BUILD) -f containers/pipeline/Dockerfile -t $(REGISTRY)/pipeline:$(VERSION) .

@@ -11,7 +11,7 @@ RUN useradd --uid 50000 --gid 0 --create-home --home-dir /home/airflow --shell /
 USER 50000:0
 ENV AIRFLOW_HOME=/opt/airflow PATH=/home/airflow/.local/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3013
-RUN --mount=type=secret,id=ca_bundle,target=/etc/ssl/certs/ca-certificates.crt \
+RUN --mount=type=secret,id=ca_bundle,target=/etc/ssl/certs/ca-certificates.crt,mode=0444 \
     python -m venv /home/airflow/.local \
     && PIP_CERT=/etc/ssl/certs/ca-certificates.crt pip install --no-cache-dir "$AIRFLOW_PIN"
 WORKDIR /opt/airflow

@@ -91,6 +91,20 @@ def _pod(settings, task_id: str, arguments: list[str]) -> dict:
     return ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
 
 
+def _on_cpu(pod: dict, images: dict[str, str]) -> dict:
+    """A GPU step's pod with the CPU build of the pipeline image: the GPU build (CUDA wheels, several GB)
+    is not built on these machines, which have no GPU; everything else in the spec stays."""
+    import copy
+
+    pod = copy.deepcopy(pod)
+    for container in pod["spec"]["containers"]:
+        if container["image"].endswith("-gpu"):
+            container["image"] = images["pipeline"]
+            for limits in (container["resources"].get("requests", {}), container["resources"].get("limits", {})):
+                limits.pop("nvidia.com/gpu", None)
+    return pod
+
+
 def _steps(plan: dict, settings) -> list:
     """(task id, arguments) of every pod step in the DAG's order, from the DAG's own functions."""
     from bertdistill.orchestration import plan as planning
@@ -134,7 +148,7 @@ def pipeline_runs(images, served, mlflow_server, seaweed, tmp_path_factory):
                 for args in _expand(arguments):
                     if in_pods and task_id != "distill":
                         pod = _pod(settings, task_id, args)
-                        proc = run_pod(pod, secrets=secrets, volumes_root=root)
+                        proc = run_pod(_on_cpu(pod, images), secrets=secrets, volumes_root=root)
                         pods.append((task_id, pod, proc))
                     else:
                         env = {**seaweed, **settings.step_env(), "BERTDISTILL_SCRATCH": str(root / "scratch")}
