@@ -76,7 +76,8 @@ def pod_run_args(pod: dict[str, Any], *, name: str, secrets: dict[str, dict[str,
     spec = pod["spec"]
     [container] = spec["containers"]
     unknown = set(container) - {"name", "image", "command", "args", "env", "envFrom", "resources",
-                                "securityContext", "volumeMounts", "readinessProbe", "workingDir"}
+                                "securityContext", "volumeMounts", "readinessProbe", "workingDir",
+                                "ports", "terminationMessagePolicy"}  # neither changes what runs
     assert not unknown, f"the container runner does not know {unknown}: teach it before trusting it"
     args = ["run", "--name", name, "--network", network, "--pull", "never"]
     sc = {**(spec.get("securityContext") or {}), **(container.get("securityContext") or {})}
@@ -190,8 +191,9 @@ class MPIJobRun:
                                     volumes_root=self.work, network=self.network, extra=extra)
                 podman(*args)
                 self.containers.append(pod["metadata"]["name"])
-                addresses.append(podman("inspect", "-f", f"{{{{.NetworkSettings.Networks.{self.network}.IPAddress}}}}",
-                                        pod["metadata"]["name"]).stdout.strip())
+                networks = json.loads(podman("inspect", "-f", "{{json .NetworkSettings.Networks}}",
+                                             pod["metadata"]["name"]).stdout)
+                addresses.append(networks[self.network]["IPAddress"])
             worker_spec = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
             for container in self.containers:
                 self._ready(container, worker_spec["readinessProbe"])

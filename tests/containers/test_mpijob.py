@@ -76,7 +76,10 @@ def test_two_ranks_over_ssh_between_containers_match_horovodrun_here(images, sha
     in_pods = json.loads((shared_store / "student" / "_MANIFEST.json").read_text())["summary"]
     here = json.loads((reference / "_MANIFEST.json").read_text())["summary"]
     assert in_pods["ranks"] == 2 and len(set(in_pods["weights_sha256_per_rank"])) == 1, "ranks diverged"
-    assert in_pods["shards_per_rank"] == here["shards_per_rank"]
+    def names(per_rank):
+        return [[Path(uri).name for uri in shards] for shards in per_rank]
+
+    assert names(in_pods["shards_per_rank"]) == names(here["shards_per_rank"])  # the same disjoint split
     np.testing.assert_allclose(in_pods["losses"], here["losses"], rtol=1e-5)
     from safetensors.numpy import load_file
 

@@ -128,7 +128,25 @@ def _expand(arguments) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(images, served, mlflow_server, seaweed, tmp_path_factory):
+def kubeconfig(tmp_path_factory):
+    """The pod operator reads a cluster config while it builds a Pod; nothing is sent to it."""
+    import os
+
+    path = tmp_path_factory.mktemp("kube") / "config"
+    path.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+                    "users: [{name: u, user: {}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n"
+                    "current-context: c\n")
+    saved = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("KUBECONFIG", None)
+    else:
+        os.environ["KUBECONFIG"] = saved
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(images, served, mlflow_server, seaweed, kubeconfig, tmp_path_factory):
     """The DAG's steps twice: as pods in the pipeline image on S3, and as local processes on a folder."""
     import os
 
