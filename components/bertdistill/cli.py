@@ -19,6 +19,7 @@ from bertdistill import __version__, tracking
 from bertdistill.errors import StepError
 from bertdistill.steps.fetch_dump import DEFAULT_MIRROR
 from bertdistill.steps.fetch_teacher import GOOGLE_BERT_BASE_UNCASED
+from bertdistill.store import scratch_dir
 
 
 def _positive(text: str) -> int:
@@ -186,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.s3_endpoint_url:
         os.environ["BERTDISTILL_S3_ENDPOINT_URL"] = args.s3_endpoint_url
+    try:  # before any step module is imported: TensorFlow's import itself needs a writable temp folder
+        scratch_dir()
+    except StepError as exc:
+        print(f"error: {args.step}: {exc}", file=sys.stderr)
+        return exc.exit_code
     module_name, params_name, _, _ = STEPS[args.step]
     module = importlib.import_module(f"bertdistill.steps.{module_name}")
     params_cls = getattr(module, params_name)
