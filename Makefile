@@ -121,7 +121,7 @@ test: sample
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check components dags tests bench
+	$(BIN)/ruff check components dags tests bench containers
 
 bench: sample
 	$(BIN)/python bench/make_examples.py

@@ -131,6 +131,7 @@ class MPIJobRun:
         self.namespace = job["metadata"]["namespace"]
         self.network = f"bd-{self.name}"
         self.containers: list[str] = []
+        self.host_keys: list[str] = []  # each worker's sshd host key (public half), read once it is Ready
 
     def hostname(self, index: int) -> str:
         return f"{self.name}-worker-{index}.{self.name}.{self.namespace}.svc"
@@ -197,6 +198,8 @@ class MPIJobRun:
             worker_spec = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
             for container in self.containers:
                 self._ready(container, worker_spec["readinessProbe"])
+                self.host_keys.append(podman("exec", container, "sh", "-c",
+                                             "cat ${BERTDISTILL_SCRATCH:-$HOME}/.sshd/*.pub").stdout.split()[1])
             launcher = self._pod("Launcher")
             env = {"K_MPI_JOB_ROLE": "launcher", "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
                    "OMPI_MCA_orte_default_hostfile": "/etc/mpi/hostfile",

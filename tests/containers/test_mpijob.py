@@ -61,8 +61,10 @@ def test_two_ranks_over_ssh_between_containers_match_horovodrun_here(images, sha
     work = tmp_path / "job"
     work.mkdir()
     secrets = {"bertdistill-s3": {"AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused"}}
-    proc = MPIJobRun(job, secrets=secrets, work=work, shared={str(shared_store): "/store"}).run()
+    run = MPIJobRun(job, secrets=secrets, work=work, shared={str(shared_store): "/store"})
+    proc = run.run()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert len(set(run.host_keys)) == 2  # a host key per pod, not one baked into the image
     assert "distill: 4 steps" in proc.stdout + proc.stderr
 
     reference = tmp_path / "reference"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -136,13 +137,14 @@ def kubeconfig(tmp_path_factory):
     path.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
                     "users: [{name: u, user: {}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n"
                     "current-context: c\n")
-    saved = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(path)
+    name = "AIRFLOW_CONN_KUBERNETES_DEFAULT"  # the connection the operator's hook reads, at call time
+    saved = os.environ.get(name)
+    os.environ[name] = json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": str(path)}})
     yield path
     if saved is None:
-        os.environ.pop("KUBECONFIG", None)
+        os.environ.pop(name, None)
     else:
-        os.environ["KUBECONFIG"] = saved
+        os.environ[name] = saved
 
 
 @pytest.fixture(scope="module")

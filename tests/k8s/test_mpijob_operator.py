@@ -127,3 +127,31 @@ def test_the_launcher_log_is_copied_once_however_often_it_is_read():
     launcher.copy_launcher_log("job-1")
     assert copied == ["step 1", "step 2", "step 3"]
     assert asked[0] is None and all(isinstance(s, int) and s >= 1 for s in asked[1:])
+
+
+def test_step_pods_use_no_deprecated_provider_flag():
+    """`reattach_on_restart` warns on every task since provider 10.20; `durable` replaces it."""
+    import warnings
+
+    from airflow.exceptions import AirflowProviderDeprecationWarning
+
+    from bertdistill.orchestration.pods import StepPodOperator
+    from bertdistill.orchestration.runners import pod_kwargs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AirflowProviderDeprecationWarning)
+        op = StepPodOperator(task_id="extract", arguments=["extract"],
+                             **pod_kwargs(Settings(mode="kubernetes"), "extract", {}))
+    assert op.durable is True
+
+
+def test_settings_are_read_without_touching_airflow_variables(monkeypatch):
+    """The DAG file loads Settings at every parse: no Variable (a metadata-database call) may be read."""
+    from airflow.sdk import Variable
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Variable.get called while loading settings")
+
+    monkeypatch.setattr(Variable, "get", refuse)
+    monkeypatch.setenv("BERTDISTILL_MODE", "kubernetes")
+    assert Settings.load().mode == "kubernetes"
