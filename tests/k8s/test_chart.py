@@ -103,6 +103,7 @@ def test_the_configmap_is_what_the_dag_reads_and_where_airflow_loads_it():
     fields = {f"BERTDISTILL_{name.upper()}" for name in Settings.__dataclass_fields__}
     assert set(config["data"]) <= fields
     assert config["data"]["BERTDISTILL_MODE"] == "kubernetes"
+    assert config["data"]["BERTDISTILL_PIPELINE_GPU_IMAGE"].endswith("-gpu")  # GPU steps get the GPU build
     assert config["metadata"]["namespace"] == "airflow"
     airflow_values = yaml.safe_load((ROOT / "helm" / "airflow-values.yaml").read_text())
     assert f"name: {config['metadata']['name']}" in airflow_values["extraEnvFrom"]
