@@ -136,11 +136,15 @@ class MPIJobLauncher:
     def __init__(self, namespace: str, kubernetes_conn_id: str, log: Any):
         self.namespace, self.kubernetes_conn_id, self.log = namespace, kubernetes_conn_id, log
         self.log_since: datetime | None = None  # timestamp of the last launcher log line copied
+        self._hook = None
 
     def hook(self):
+        """One hook (and its API clients) for the whole wait, not one per call of every poll."""
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-        return KubernetesHook(conn_id=self.kubernetes_conn_id)
+        if self._hook is None:
+            self._hook = KubernetesHook(conn_id=self.kubernetes_conn_id)
+        return self._hook
 
     @generic_api_retry
     def find(self, labels: dict[str, str]) -> str | None:
@@ -246,7 +250,6 @@ class _NameTaken(Exception):
 
     def __init__(self, exc: Exception):
         super().__init__(str(exc))
-        self.status = 409
 
 
 def _timestamp(text: str) -> datetime | None:
