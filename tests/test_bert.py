@@ -80,6 +80,26 @@ def write_google_zip(path, sample, config: dict, shapes_from: dict | None = None
     return values
 
 
+@pytest.mark.parametrize("source_act, meaning, hf_name", [("gelu", "gelu", "gelu"),
+                                                           ("gelu_new", "gelu_tanh", "gelu_new")])
+def test_the_activation_survives_a_saved_teacher_folder(tmp_path, sample, source_act, meaning, hf_name):
+    """A Hugging Face "gelu" is the exact form; the folder fetch-teacher writes must say the same to the
+    platform and to transformers (it once came back as the tanh form on the next read)."""
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("model.safetensors", "vocab.txt"):
+        (source / name).symlink_to(sample / "minilm" / name)
+    raw = json.loads((sample / "minilm" / "config.json").read_text()) | {"hidden_act": source_act}
+    (source / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "teacher"
+    run_cli("fetch-teacher", "--source", str(source), "--output", str(out), check=True)
+    assert BertConfig.from_json_file(out / "bert_config.json").hidden_act == meaning
+    assert transformers.BertConfig.from_json_file(out / "bert_config.json").hidden_act == hf_name
+    config, _, _ = load_teacher(out, str(out), required_heads=())
+    assert config.hidden_act == meaning
+
+
 def test_google_checkpoint_round_trip_is_exact(tmp_path, sample):
     slots = {"bert/embeddings/word_embeddings/adam_m": np.zeros((30522, 32), np.float32),
              "global_step": np.array(7, np.int64)}
@@ -167,3 +187,19 @@ def test_bfloat16_compute_trains_float32_variables_with_close_gradients():
     assert np.isfinite(half).all() and not np.array_equal(full, half)  # bfloat16 was really used
     cosine = float(full @ half / (np.linalg.norm(full) * np.linalg.norm(half)))
     assert cosine > 0.99
+
+
+def test_a_vocab_over_15_bit_ids_is_refused_when_the_teacher_is_fetched(tmp_path):
+    """The label cache stores ids in 15 bits: say so at fetch-teacher, not as a traceback mid-labelling."""
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "big-vocab"
+    config = transformers.BertConfig(vocab_size=40000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(source)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (source / "vocab.txt").write_text("\n".join(special + [f"##p{i}" for i in range(40000 - 5)]) + "\n")
+    proc = run_cli("fetch-teacher", "--source", str(source), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert error_lines(proc) == [f"error: fetch-teacher: {source}: its vocab has 40,000 pieces, but the label cache stores token "
+                                 "ids in 15 bits (at most 32,768 pieces); use a teacher with a smaller vocab"]
+    assert not (tmp_path / "out").exists()

@@ -80,6 +80,64 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     assert len(published) == 1
 
 
+def transformers_model(folder):
+    """transformers' BertForPreTraining from a platform folder: its config file read by transformers,
+    its weights renamed by the platform's own Hugging Face name map."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    from bertdistill.bert.checkpoints import hf_to_google
+
+    model = transformers.BertForPreTraining(transformers.BertConfig.from_json_file(folder / "bert_config.json"))
+    ours = load_file(str(folder / "model.safetensors"))
+    state = {}
+    for name in model.state_dict():
+        mapped = hf_to_google(name)
+        if name == "cls.predictions.decoder.weight":
+            mapped = ("bert/embeddings/word_embeddings", False)
+        if mapped is not None:
+            state[name] = torch.from_numpy(ours[mapped[0]].T.copy() if mapped[1] else ours[mapped[0]])
+    missing = set(model.state_dict()) - set(state) - {"bert.embeddings.position_ids"}
+    assert not missing, missing
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def test_the_teachers_exact_gelu_survives_every_saved_folder_and_the_savedmodel(local_run, hf_teacher):
+    """The source says "gelu" in Hugging Face's meaning (erf). Every folder the run wrote must mean the
+    same to the platform and to transformers, and the published SavedModel must compute it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    import tensorflow as tf
+
+    from bertdistill.bert.config import BertConfig
+
+    _env, root, proc = local_run
+    assert proc.returncode == 0
+    assert json.loads((hf_teacher / "config.json").read_text())["hidden_act"] == "gelu"
+    configs = sorted((root / "store").rglob("bert_config.json"))
+    kinds = {p.parent.name if p.parent.name != "export" else p.parent.parent.name.split("-")[0] for p in configs}
+    assert len(configs) >= 3, configs  # fetched teacher, adapted teacher, student export
+    assert {"tiny-bert", "tiny-bert-adapted-2"} <= kinds
+    for path in configs:
+        assert BertConfig.from_json_file(path).hidden_act == "gelu", path
+        assert transformers.BertConfig.from_json_file(path).hidden_act == "gelu", path
+    [export] = (root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/export")
+    [saved] = (root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1000, 30000, (2, 12))
+    served = tf.saved_model.load(str(saved)).signatures["serving_default"](
+        input_ids=tf.constant(ids, tf.int32), input_mask=tf.ones([2, 12], tf.int32),
+        segment_ids=tf.zeros([2, 12], tf.int32))
+    with torch.no_grad():
+        reference = transformers_model(export)(input_ids=torch.tensor(ids), attention_mask=torch.ones(2, 12,
+                                               dtype=torch.long), token_type_ids=torch.zeros(2, 12, dtype=torch.long))
+    np.testing.assert_allclose(served["mlm_logits"].numpy(), reference.prediction_logits.numpy(), atol=2e-4)
+    np.testing.assert_allclose(served["nsp_logits"].numpy(), reference.seq_relationship_logits.numpy(), atol=2e-4)
+
+
 def test_a_second_run_of_the_same_dump_stops_after_the_check(local_run):
     env, root, first = local_run
     assert first.returncode == 0

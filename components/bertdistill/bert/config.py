@@ -3,6 +3,11 @@
 The two formats share most keys. Two meanings differ and are settled here: Google's code
 computes "gelu" with the tanh approximation while Hugging Face's "gelu" is the exact erf
 form, and Google fixes LayerNorm epsilon at 1e-12 where Hugging Face reads layer_norm_eps.
+
+The platform writes its own configs in Hugging Face's convention, saying so with
+`"model_type": "bert"` and naming the tanh form "gelu_new": an unmarked "gelu" is read as
+Google's, so a file that did not say whose it was turned an exact-GELU teacher into a tanh
+one on the next read. transformers reads the same file to the same activation.
 """
 
 from __future__ import annotations
@@ -69,4 +74,9 @@ class BertConfig:
         return cls.from_dict(raw, source)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        """Hugging Face's keys and activation names, marked as such by model_type."""
+        values = asdict(self) | {"model_type": "bert", "hidden_act": _HF_NAMES[self.hidden_act]}
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+
+_HF_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}

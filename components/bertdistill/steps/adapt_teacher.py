@@ -62,7 +62,7 @@ def run(params: AdaptTeacherParams) -> Manifest:
     train, info = _shards(params.examples, "train")
     heldout, _ = _shards(params.examples, "heldout")
     fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "examples", "output", "force")}
-    fingerprint["schema"] = 1
+    fingerprint["schema"] = 2
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher, save_teacher

@@ -94,6 +94,7 @@ def run(params: FetchTeacherParams) -> Manifest:
         save_teacher,
     )
     from bertdistill.bert.config import BertConfig
+    from bertdistill.steps.label_teacher import check_label_vocab
     from bertdistill.tokenization import Vocab
 
     output = open_folder(params.output)
@@ -109,6 +110,7 @@ def run(params: FetchTeacherParams) -> Manifest:
             config = BertConfig.from_json_file(config_path, f"{params.source}:{config_path.name}")
             vocab = Vocab(vocab_path, f"{params.source}:vocab.txt")
             check_vocab(vocab, config, params.source)
+            check_label_vocab(config.vocab_size, params.source)
             if google_index is not None:
                 arrays, kind = read_google_checkpoint(str(google_index)[: -len(".index")]), "google"
             elif (safetensors := _find(root, "model.safetensors")) is not None:
@@ -131,5 +133,5 @@ def run(params: FetchTeacherParams) -> Manifest:
 
     local_source = urlparse(params.source).scheme not in ("http", "https")
     inputs = {"source": params.source} if local_source else {}  # a local source is hashed: edits rerun
-    return run_step("fetch-teacher", {"schema": 1, "source": params.source}, inputs, output, work,
+    return run_step("fetch-teacher", {"schema": 2, "source": params.source}, inputs, output, work,
                     force=params.force)
