@@ -58,3 +58,31 @@ def test_soft_next_sentence_loss_is_zero_on_agreement():
     logits = tf.constant([[1.0, -1.0], [0.2, 0.4]])
     assert abs(float(soft_next_sentence_loss(logits, logits, 2.0))) < 1e-6
     assert float(soft_next_sentence_loss(logits, logits[::-1], 1.0)) > 0
+
+
+def test_a_confident_students_rest_mass_keeps_its_loss_and_gradient():
+    """Student sure of one word (rest about e^-20): 1 - sum(top k) is 0 in float32; the loss must still
+    match a float64 reference and push mass back to the words the teacher gives 30%."""
+    rng = np.random.default_rng(2)
+    V, k = 300, 5
+    student = rng.normal(0, 1, (1, 1, V))
+    student[0, 0, 7] += 30.0
+    ids = np.array([[[7, 3, 11, 19, 23]]])
+    top = np.array([[[0.5, 0.1, 0.05, 0.03, 0.02]]])
+    rest = 1 - top.sum(-1)
+    z = student - student.max()
+    log_q = z - np.log(np.exp(z).sum())
+    outside = np.delete(np.arange(V), ids[0, 0])
+    log_q_rest = np.log(np.exp(log_q[0, 0, outside]).sum())
+    expected = (top * (np.log(top) - log_q[0, 0, ids[0, 0]])).sum() + rest[0, 0] * (np.log(rest[0, 0]) - log_q_rest)
+    logits = tf.Variable(student, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        loss = soft_mlm_loss(logits, tf.constant(ids), tf.constant(top, tf.float32), tf.constant(rest, tf.float32),
+                             tf.ones((1, 1)), 1.0)
+    grad = tape.gradient(loss, logits).numpy()[0, 0]
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+    # d loss / d logit_j = q_j - p_j: for a word outside the top k, q_j - rest * q_j / q_rest
+    q = np.exp(log_q[0, 0])
+    expected_grad = q[outside] - rest[0, 0] * q[outside] / np.exp(log_q_rest)
+    np.testing.assert_allclose(grad[outside], expected_grad, rtol=1e-3, atol=1e-9)
+    assert grad[outside].min() < -1e-4  # the student is pushed to give the rest back its mass

@@ -124,7 +124,8 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=_positive, default=100, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed: data order, dropout masks, random init")
     p.add_argument("--lr-scaling", default="none", choices=("none", "linear"),
-                   help="multiply the learning rate by the number of ranks (linear) or not")
+                   help="linear: multiply the learning rate by grad-accum, the global batch over batch-size "
+                   "(the same at any rank count)")
     p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads per process (0: default)")
 
 

@@ -31,6 +31,26 @@ def tempered_teacher(topk_probs: tf.Tensor, rest: tf.Tensor, temperature: float,
     return log_top - norm[..., None], log_rest - norm
 
 
+def student_log_probs(student_logits: tf.Tensor, topk_ids: tf.Tensor, temperature: float):
+    """(log q of the top-k words [..., k], log q of everything else [...]) at `temperature`.
+
+    The rest is a log-sum-exp over the logits outside the top k, not 1 - sum(top k): once the
+    student is confident that difference is 0 in float32, its loss wrong and its gradient gone.
+    """
+    logits = tf.cast(student_logits, tf.float32) / temperature
+    vocab = logits.shape[-1]
+    log_z = tf.reduce_logsumexp(logits, axis=-1)
+    log_top = tf.gather(logits, topk_ids, batch_dims=2) - log_z[..., None]
+    rows = tf.reshape(logits, [-1, vocab])
+    ids = tf.reshape(tf.cast(topk_ids, tf.int32), [tf.shape(rows)[0], -1])
+    k = tf.shape(ids)[1]
+    where = tf.stack([tf.repeat(tf.range(tf.shape(rows)[0]), k), tf.reshape(ids, [-1])], axis=1)
+    # A large finite value, not -inf: with k = V every entry is masked and the gradient must stay finite.
+    outside = tf.tensor_scatter_nd_update(rows, where, tf.fill([tf.shape(where)[0]], -1e9))
+    log_rest = tf.reshape(tf.reduce_logsumexp(outside, axis=-1), tf.shape(log_z)) - log_z
+    return log_top, log_rest
+
+
 def soft_mlm_loss(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf.Tensor, rest: tf.Tensor,
                   weights: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
     """T^2 * KL(teacher_T || student_T) per real masked position, averaged.
@@ -38,13 +58,11 @@ def soft_mlm_loss(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf
     student_logits [B, P, V]; topk_ids, topk_probs [B, P, k]; rest, weights [B, P].
     """
     vocab_size = student_logits.shape[-1]
-    log_q = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
-    log_q_top = tf.gather(log_q, topk_ids, batch_dims=2)
-    q_rest = tf.maximum(1.0 - tf.reduce_sum(tf.exp(log_q_top), axis=-1), 1e-12)
+    log_q_top, log_q_rest = student_log_probs(student_logits, topk_ids, temperature)
     log_p_top, log_p_rest = tempered_teacher(topk_probs, rest, temperature, vocab_size)
     p_top, p_rest = tf.exp(log_p_top), tf.exp(log_p_rest)
     kl = (tf.reduce_sum(p_top * (log_p_top - log_q_top), axis=-1)
-          + tf.math.xlogy(p_rest, p_rest) - p_rest * tf.math.log(q_rest))
+          + tf.math.xlogy(p_rest, p_rest) - p_rest * log_q_rest)
     weights = tf.cast(weights, tf.float32)
     return temperature**2 * tf.reduce_sum(kl * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 

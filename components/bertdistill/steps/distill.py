@@ -137,6 +137,12 @@ def run(params: DistillParams) -> Manifest | None:
     return None
 
 
+def peak_learning_rate(params: DistillParams) -> float:
+    """The learning rate for the global batch. It is batch_size x grad_accum whatever the rank count
+    (ranks split the micro-batches), so linear scaling follows grad_accum, never the ranks."""
+    return params.learning_rate * (params.grad_accum if params.lr_scaling == "linear" else 1)
+
+
 def _label_groups(shards: list[str], world, micro_batches: int) -> list[list[str]]:
     """Shards of each global micro-batch g: shards[g::G]. The same at any number of ranks, so a
     2-rank run sees the data a 1-rank run with the same global batch sees."""
@@ -186,7 +192,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     if init is not None:
         model.assign(init)
     variables = list(model.weights.values())
-    lr = params.learning_rate * (world.size if params.lr_scaling == "linear" else 1)
+    lr = peak_learning_rate(params)
     optimizer = AdamW(model.weights, lr, params.warmup_steps, params.steps, params.weight_decay)
     history: list[float] = []
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
