@@ -200,6 +200,7 @@ def test_a_vocab_over_15_bit_ids_is_refused_when_the_teacher_is_fetched(tmp_path
     (source / "vocab.txt").write_text("\n".join(special + [f"##p{i}" for i in range(40000 - 5)]) + "\n")
     proc = run_cli("fetch-teacher", "--source", str(source), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
-    assert error_lines(proc) == [f"error: fetch-teacher: {source}: its vocab has 40,000 pieces, but the label cache stores token "
-                                 "ids in 15 bits (at most 32,768 pieces); use a teacher with a smaller vocab"]
+    assert error_lines(proc) == [f"error: fetch-teacher: {source}: its vocab has 40,000 pieces, but the label cache "
+                                 "stores token ids in 15 bits (at most 32,768 pieces); use a teacher with a smaller "
+                                 "vocab"]
     assert not (tmp_path / "out").exists()

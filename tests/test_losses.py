@@ -64,7 +64,7 @@ def test_a_confident_students_rest_mass_keeps_its_loss_and_gradient():
     """Student sure of one word (rest about e^-20): 1 - sum(top k) is 0 in float32; the loss must still
     match a float64 reference and push mass back to the words the teacher gives 30%."""
     rng = np.random.default_rng(2)
-    V, k = 300, 5
+    V = 300
     student = rng.normal(0, 1, (1, 1, V))
     student[0, 0, 7] += 30.0
     ids = np.array([[[7, 3, 11, 19, 23]]])

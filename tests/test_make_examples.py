@@ -180,3 +180,33 @@ def test_a_vocab_that_is_not_wordpiece_leaves_nothing(all_text, tmp_path):
     [line] = error_lines(proc)
     assert "vocab.json is not a WordPiece vocab" in line
     assert not out.exists() and not any(out.parent.glob("*")) if out.parent.exists() else True
+
+
+def repeat_gaps(path: Path) -> tuple[np.ndarray, int]:
+    """Records between consecutive examples that start at the same sentence (first segment's first 12
+    tokens with the masked ones restored), and the record count."""
+    with open(path, "rb") as f:
+        rows = list(read_pretraining(f, str(path)))
+    last: dict[tuple, int] = {}
+    gaps = []
+    for i, row in enumerate(rows):
+        ids = row["input_ids"].copy()
+        real = row["masked_lm_weights"] > 0
+        ids[row["masked_lm_positions"][real]] = row["masked_lm_ids"][real]
+        key = tuple(ids[1:13])
+        if key in last:
+            gaps.append(i - last[key])
+        last[key] = i
+    return np.array(gaps), len(rows)
+
+
+def test_a_sentences_dupe_copies_are_spread_over_the_whole_shard(all_text, sample, tmp_path):
+    """Google shuffles a shard's examples as a whole; a chunk-local shuffle kept the dupe_factor copies of
+    a document within a few thousand consecutive records. Shuffled uniformly, copies of a sentence are
+    about N / dupe_factor records apart."""
+    out = tmp_path / "shard.tfrecord"
+    run_cli("make-examples", "--input", str(all_text), "--output", str(out), "--vocab-file",
+            str(sample / "vocab.txt"), "--dupe-factor", "5", check=True)
+    gaps, n = repeat_gaps(out)
+    assert len(gaps) > 1000 and n > 10_000
+    assert np.median(gaps) > 0.5 * n / 5, (np.median(gaps), n)

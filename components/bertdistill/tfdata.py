@@ -1,4 +1,10 @@
-"""tf.data pipelines over the platform's TFRecords (steps that already import TensorFlow)."""
+"""tf.data pipelines over the platform's TFRecords (steps that already import TensorFlow).
+
+Shards are read interleaved, one record from each in turn, not one after the other: each
+shard is shuffled as a whole by make-examples, and interleaving makes every batch draw from
+all of them, so a 10,000-example shuffle buffer is not the only thing between a batch and
+a single shard's order.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,17 @@ def pretraining_spec(max_seq_length: int, max_predictions: int) -> dict[str, tf.
             for name, (kind, n) in pretraining_shapes(max_seq_length, max_predictions).items()}
 
 
+def records(paths: list[str]) -> tf.data.Dataset:
+    """Serialized records of all shards, interleaved one by one (deterministic order)."""
+    return tf.data.Dataset.from_tensor_slices(list(paths)).interleave(
+        tf.data.TFRecordDataset, cycle_length=max(len(paths), 1), block_length=1, deterministic=True)
+
+
 def pretraining_dataset(paths: list[str], max_seq_length: int, max_predictions: int, batch_size: int,
                         shuffle: bool = False, repeat: bool = False, seed: int = 0) -> tf.data.Dataset:
     """Batches of int32 features (int64 on the wire; int32 is what gathers and matmuls want)."""
     spec = pretraining_spec(max_seq_length, max_predictions)
-    ds = tf.data.TFRecordDataset(paths)
+    ds = records(paths)
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -39,7 +51,7 @@ def labelled_dataset(paths: list[str], max_seq_length: int, max_predictions: int
 
     spec = pretraining_spec(max_seq_length, max_predictions)
     spec[LABEL_FEATURE.decode()] = tf.io.FixedLenFeature([], tf.string)
-    ds = tf.data.TFRecordDataset(paths)
+    ds = records(paths)
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if repeat:

@@ -9,8 +9,12 @@ whole words. Two things differ, both for memory and speed at Wikipedia scale:
 * Streaming. Google's script keeps every document and every instance in memory (tens of
   GB on full Wikipedia). Here documents are read in chunks of at least CHUNK_CHARS
   characters and MIN_DOCS documents; each chunk yields its examples for all dupe_factor
-  passes, shuffled within the chunk, and the random next segment comes from another
-  document of the same chunk. Memory stays flat whatever the input size.
+  passes, and the random next segment comes from another document of the same chunk.
+  The shard is then shuffled as a whole, as Google's is, by a two-pass external shuffle:
+  every example goes to a random one of the shard's buckets (temporary files of about
+  BUCKET_BYTES), then each bucket is permuted in memory and appended. A chunk-local
+  shuffle left the dupe_factor copies of a document within a few thousand consecutive
+  records, so a student met the same sentence again every few dozen steps.
 * Parallel and vectorised. Chunks go to a process per core; each tokenizes with the
   Rust WordPiece, builds instances as integer ranges into one token array, then masks and
   encodes whole batches with numpy. Every chunk seeds its own generators from
@@ -23,8 +27,11 @@ import logging
 import multiprocessing
 import os
 import random
+import struct
+import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -35,12 +42,14 @@ from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import PretrainingBatch, encode_pretraining
-from bertdistill.store import split_uri
+from bertdistill.store import scratch_dir, split_uri
 from bertdistill.tokenization import Vocab, wordpiece_tokenizer
 
 CHUNK_CHARS = 256 * 1024
 MIN_DOCS = 16
 BATCH = 4096
+BUCKET_BYTES = 256 << 20
+OUTPUT_BYTES_PER_INPUT_BYTE = 2  # per dupe pass, measured: about 1.4 at L=128 on Wikipedia text
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +116,7 @@ def run(params: MakeExamplesParams) -> Manifest:
     out_folder, out_name = split_uri(params.output)
     fingerprint = {k: v for k, v in asdict(params).items() if k not in ("input", "output", "vocab_file",
                                                                           "workers", "force")}
-    fingerprint["schema"] = 1
+    fingerprint["schema"] = 2
 
     def work(writer: OutputWriter) -> dict:
         with vocab_folder.local_copy(vocab_name) as vocab_path:
@@ -134,12 +143,15 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
     workers = params.workers or len(os.sched_getaffinity(0))
     progress = Progress(log, "make-examples", size)
     totals = {"examples": 0, "documents": 0, "chunks": 0, "input_bytes": size}
+    buckets = max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES))
     # The Rust tokenizer must not start its own thread pool before we fork workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with open(out_path, "wb") as out:
-        def write(result: tuple[bytes, int, int, int]) -> None:
-            data, examples, documents, consumed = result
-            out.write(data)
+    with tempfile.TemporaryDirectory(dir=scratch_dir(), prefix="buckets-") as tmp, ExitStack() as stack:
+        files = [stack.enter_context(open(Path(tmp) / f"{b:05d}", "w+b")) for b in range(buckets)]
+
+        def scatter(index: int, result: tuple[bytes, int, int], consumed: int) -> None:
+            data, examples, documents = result
+            _scatter(data, np.random.default_rng([params.random_seed, index, 1]), files)
             totals["examples"] += examples
             totals["documents"] += documents
             totals["chunks"] += 1
@@ -149,24 +161,53 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
         if workers == 1:
             _init_worker(ctx)
             for index, docs, consumed in chunks:
-                write((*_build_chunk(index, docs), consumed))
+                scatter(index, _build_chunk(index, docs), consumed)
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                      initializer=_init_worker, initargs=(ctx,)) as pool:
                 pending: deque = deque()
                 for index, docs, consumed in chunks:
-                    pending.append((pool.submit(_build_chunk, index, docs), consumed))
+                    pending.append((index, pool.submit(_build_chunk, index, docs), consumed))
                     if len(pending) > 2 * workers:  # bounded: memory stays flat on any input
-                        future, done_bytes = pending.popleft()
-                        write((*future.result(), done_bytes))
+                        done, future, done_bytes = pending.popleft()
+                        scatter(done, future.result(), done_bytes)
                 while pending:
-                    future, done_bytes = pending.popleft()
-                    write((*future.result(), done_bytes))
+                    done, future, done_bytes = pending.popleft()
+                    scatter(done, future.result(), done_bytes)
+        with open(out_path, "wb") as out:
+            for b, f in enumerate(files):
+                f.seek(0)
+                records = _split_records(f.read())
+                order = np.random.default_rng([params.random_seed, b, 2]).permutation(len(records))
+                out.write(b"".join(records[i] for i in order))
     totals["seconds"] = round(progress.elapsed, 3)
+    totals["shuffle_buckets"] = buckets
     if totals["examples"] == 0:
         log.warning("make-examples: %s produced no examples (no documents with text)", params.input)
     return totals
+
+
+def _split_records(data: bytes) -> list[bytes]:
+    """Framed TFRecords back to back -> one bytes object per record (frame included)."""
+    out, at = [], 0
+    while at < len(data):
+        (length,) = struct.unpack_from("<Q", data, at)
+        end = at + 16 + length
+        out.append(data[at:end])
+        at = end
+    return out
+
+
+def _scatter(data: bytes, rng: np.random.Generator, files: list) -> None:
+    """Append each framed record of a chunk to a random bucket file."""
+    records = _split_records(data)
+    if len(files) == 1:
+        files[0].write(data)
+        return
+    target = rng.integers(0, len(files), len(records))
+    for b in np.unique(target):
+        files[b].write(b"".join(records[i] for i in np.flatnonzero(target == b)))
 
 
 def _read_chunks(path: Path, uri: str):
