@@ -4,7 +4,8 @@
 One run: fetch a Wikipedia dump, extract and split it into sentence shards, turn each shard
 into masked-LM + next-sentence examples, prepare the teacher (fit a masked-LM head when it
 has none), cache the teacher's top-k outputs, train the student (Horovod over N ranks),
-evaluate it against the teacher on held-out shards and publish it to the MLflow registry,
+evaluate it against the teacher and against a no-teacher control (the same student trained
+on the hard labels alone) on held-out shards, and publish it to the MLflow registry,
 where the alias `champion` moves only when it is better.
 
 Every box is one `bertdistill <step>`: a child process in the embedded mode, a pod (and an
@@ -57,6 +58,9 @@ PARAMS = {
     "batch_size": Param(32, type="integer", minimum=1, maximum=4096, title="Batch size", section="Student",
                         description="examples per micro-batch; ranks x batch size = global batch"),
     "ranks": Param(1, type="integer", minimum=1, maximum=256, title="Horovod ranks", section="Student"),
+    "control": Param(True, type="boolean", title="No-teacher control", section="Student",
+                     description="also train the same student without the teacher (hard labels only, same "
+                     "init, data and steps): the report then gives the distillation gain with its 95% interval"),
     "force": Param(False, type="boolean", title="Force", section="Run",
                    description="redo every step even if done, and distil a dump that was already distilled"),
 }
@@ -107,6 +111,13 @@ def bert_distillation():
 
         return label_teacher_args(plan, teacher)
 
+    @task
+    def trainings(plan: dict, teacher: str) -> list[list[str]]:
+        """The student's distill and its no-teacher control's (unless the form turned it off)."""
+        from bertdistill.orchestration.plan import distill_args
+
+        return distill_args(plan, teacher)
+
     @task.branch
     def teacher_needs_head(plan: dict) -> str:
         from bertdistill.orchestration.tasks import teacher_has_mlm_head
@@ -143,7 +154,7 @@ def bert_distillation():
     adapt = steps.single("adapt_teacher", args["adapt_teacher"])
     ready = teacher_ready(plan)
     label = steps.mapped("label_teacher", labelled_shards(plan, ready["teacher"]))
-    distill = steps.distill("distill", ready["distill"])
+    distill = steps.distill("distill", trainings(plan, ready["teacher"]))
     evaluate = steps.single("evaluate", ready["evaluate"])
     publish = steps.single("publish", args["publish"])
     done, failed = finish_tracking(), fail_tracking()

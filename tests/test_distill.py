@@ -60,16 +60,28 @@ def test_labels_with_another_k_are_refused(tmp_path, tiny_teacher, labels_dir):
     assert proc.returncode == 2 and "top-10 labels but top-5" in error_lines(proc)[0]
 
 
-def test_evaluate_reports_student_teacher_and_baseline(tmp_path, tiny_teacher, labelled, tiny_student):
+def test_evaluate_reports_student_control_teacher_and_baseline(tmp_path, tiny_teacher, labels_dir, labelled,
+                                                               tiny_student):
+    control = tmp_path / "control"
+    run_cli(*distill_args(tiny_teacher, labels_dir, control, "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"),
+            check=True)
     out = tmp_path / "report"
     proc = run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--heldout",
-                   str(labelled.parent), "--output", str(out), "--max-examples", "512", "--latency-batch", "4",
-                   check=True)
-    assert "most-frequent-token baseline" in proc.stdout
+                   str(labelled.parent), "--output", str(out), "--control", str(control), "--max-examples", "512",
+                   "--latency-batch", "4", check=True)
+    assert "most-frequent-token baseline" in proc.stdout and "vs control" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["positions"] > 5000 and report["examples"] >= 512
-    for who in ("student", "teacher", "baseline"):
+    for who in ("student", "control", "teacher", "baseline"):
         assert 0 <= report[who]["mlm_accuracy"] <= 1
+    for who in ("student", "control", "teacher"):
+        assert 0 <= report[who]["mlm_calibration_error"] <= 1
+    gain = report["distillation_gain"]
+    assert gain["mlm_accuracy"] == pytest.approx(report["student"]["mlm_accuracy"] - report["control"]["mlm_accuracy"])
+    assert gain["ci95_low"] <= gain["mlm_accuracy"] <= gain["ci95_high"]
+    assert report["verdict"] in proc.stdout and "no-teacher control" in report["verdict"]
+    # The control learnt nothing from the teacher: it matches the teacher's distribution no better.
+    assert report["control"]["kl_from_teacher"] > report["student"]["kl_from_teacher"]
     # The baseline always answers the most frequent held-out token; it cannot beat its own share.
     assert 0.02 < report["baseline"]["mlm_accuracy"] < 0.2
     assert report["baseline"]["mlm_accuracy_outside_top10"] == 0.0

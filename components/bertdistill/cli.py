@@ -120,7 +120,8 @@ def _distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soft-mlm-weight", type=float, default=1.0, help="weight of T^2 KL on the cached top-k")
     p.add_argument("--hard-mlm-weight", type=float, default=1.0, help="weight of cross-entropy on masked_lm_ids")
     p.add_argument("--nsp-weight", type=float, default=0.5, help="weight of next-sentence loss on the labels")
-    p.add_argument("--soft-nsp-weight", type=float, default=0.5, help="weight of KL on the teacher's NSP logits")
+    p.add_argument("--soft-nsp-weight", type=float, default=0.5, help="weight of KL on the teacher's NSP logits "
+                   "(both soft weights 0: the no-teacher control, hard labels only)")
     p.add_argument("--checkpoint-every", type=_positive, default=100, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed: data order, dropout masks, random init")
     p.add_argument("--lr-scaling", default="none", choices=("none", "linear"),
@@ -134,6 +135,9 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, help="student folder URI (distill's output, with export/)")
     p.add_argument("--heldout", required=True, help="folder URI of the held-out labelled shards")
     p.add_argument("--output", required=True, help="report folder URI (report.json, report.png)")
+    p.add_argument("--control", default=None,
+                   help="the no-teacher control's student folder URI (distill with --soft-mlm-weight 0 "
+                   "--soft-nsp-weight 0, same init, data and steps): the report adds the distillation gain")
     p.add_argument("--top-k", type=_positive, default=10, help="k the labels must have been made with")
     p.add_argument("--batch-size", type=_positive, default=64, help="examples per evaluation batch")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples (0: all)")

@@ -7,7 +7,8 @@ pipeline's first task creates. Everything a child logs comes from the step's man
 its parameters, its numeric summary as metrics (loss curves with their step numbers), the
 manifest itself and the small report files as artifacts, and its inputs as datasets that
 name the store URIs and their content fingerprints, so a model in the registry leads back
-to the dump it was trained on.
+to the dump it was trained on. A step's `parent_metrics` and `parent_tags` (evaluate's
+distillation gain and verdict) go on the parent run too: the figures a user looks for first.
 
 Only the MLflow client is imported here, never TensorFlow: the Airflow DAG uses this module.
 """
@@ -112,7 +113,9 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
     try:
         params = [Param(k, _param_value(v)) for k, v in sorted(manifest.params.items())]
         params.append(Param("output", output_uri[:6000]))
-        metrics = list(_metrics(manifest.summary or {}))
+        summary = dict(manifest.summary or {})
+        headline, headline_tags = summary.pop("parent_metrics", {}), summary.pop("parent_tags", {})
+        metrics = list(_metrics(summary))
         if manifest.seconds is not None:
             metrics.append(Metric("step_wall_seconds", float(manifest.seconds), 0, 0))
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params and 1000 metrics
@@ -135,6 +138,9 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
                 time.sleep(0.5 + random.random())
         _log_artifacts(c, run_id, manifest, output_uri)
         c.log_batch(run_id, tags=[RunTag("bertdistill.created", manifest.created or "")])
+        if parent and (headline or headline_tags):  # a step's headline figures show on the pipeline's run
+            c.log_batch(parent, metrics=list(_metrics(headline)),
+                        tags=[RunTag(f"bertdistill.{k}", str(v)[:5000]) for k, v in headline_tags.items()])
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise

@@ -69,12 +69,13 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
 
 def test_the_form_refuses_bad_params(airflow_env):
     cases = {
-        "good": {"wiki": "dewiki", "train_steps": 5, "top_k": 10},
+        "good": {"wiki": "dewiki", "train_steps": 5, "top_k": 10, "control": False},
         "negative_steps": {"train_steps": -1},
         "unknown_wiki": {"wiki": "klingonwiki"},
         "k_above_vocab": {"top_k": 30523},
         "bad_date": {"date": "2026-01-01"},
         "zero_ranks": {"ranks": 0},
+        "control_not_a_switch": {"control": "maybe"},
     }
     out = _python(airflow_env, VALIDATE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"], json.dumps(cases))
     assert out.pop("good") == "ok"

@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "wiki": "enwiki", "date": "latest", "max_dump_files": None, "teacher": None,
     "train_shards": 8, "heldout_shards": 1, "max_seq_length": 128, "max_predictions_per_seq": 20,
     "dupe_factor": 10, "adapt_steps": 300, "student_layers": 3, "top_k": 10, "train_steps": 10000,
-    "batch_size": 32, "ranks": 1, "force": False,
+    "batch_size": 32, "ranks": 1, "control": True, "force": False,
 }
 
 
@@ -121,18 +121,30 @@ def label_teacher_args(plan: dict, teacher: str) -> list[list[str]]:
             for s in text_shards(plan)]
 
 
-def distill_args(plan: dict, teacher: str) -> list[str]:
+def control_folder(plan: dict) -> str:
+    """The no-teacher control lives inside its student's folder: same settings, same key."""
+    return _join(plan["student"], "control")
+
+
+def distill_args(plan: dict, teacher: str) -> list[list[str]]:
+    """The student, and (unless the form turned it off) its no-teacher control: the same student, init,
+    data and steps on the hard labels only, so evaluate can say what the teacher added."""
     p = plan["params"]
-    return ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher), "--output", plan["student"],
-            "--student-layers", str(p["student_layers"]), "--top-k", str(p["top_k"]), "--steps",
-            str(p["train_steps"]), "--batch-size", str(p["batch_size"]), "--grad-accum", str(p["ranks"]),
-            "--checkpoint-every", str(max(1, min(500, p["train_steps"] // 4))), *_force(plan)]
+    common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
+              "--student-layers", str(p["student_layers"]), "--top-k", str(p["top_k"]), "--steps",
+              str(p["train_steps"]), "--batch-size", str(p["batch_size"]), "--grad-accum", str(p["ranks"]),
+              "--checkpoint-every", str(max(1, min(500, p["train_steps"] // 4))), *_force(plan)]
+    runs = [[*common, "--output", plan["student"]]]
+    if p["control"]:
+        runs.append([*common, "--output", control_folder(plan), "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"])
+    return runs
 
 
 def evaluate_args(plan: dict, teacher: str) -> list[str]:
+    control = ["--control", control_folder(plan)] if plan["params"]["control"] else []
     return ["evaluate", "--teacher", teacher, "--student", plan["student"], "--heldout",
             _join(labels_folder(plan, teacher), "heldout"), "--output", plan["report"],
-            "--top-k", str(plan["params"]["top_k"]), *_force(plan)]
+            "--top-k", str(plan["params"]["top_k"]), *control, *_force(plan)]
 
 
 def publish_args(plan: dict) -> list[str]:

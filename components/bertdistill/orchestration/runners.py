@@ -1,6 +1,6 @@
 """One way to declare a step in the DAG, whatever runs it: a local process, a pod, an MPIJob.
 
-The DAG asks for `single`, `mapped` or `distill` tasks; the mode in Settings decides the
+The DAG asks for `single`, `mapped` or `distill` (mapped, MPIJobs in Kubernetes) tasks; the mode in Settings decides the
 operator. All take the step's arguments (after `bertdistill`) from XCom, and all give the
 step the same environment: tracking settings, the MLflow parent run of this DAG run, and in
 Kubernetes the S3 credentials from a Secret (never from DAG code). In both modes a step that
@@ -48,15 +48,17 @@ class StepOperators:
         return cls.partial(task_id=task_id, **kwargs).expand(arguments=arguments)
 
     def distill(self, task_id: str, arguments: Any):
+        """One Horovod training per argument list (the student and its no-teacher control)."""
         if self.settings.mode == "kubernetes":
             from bertdistill.orchestration.mpijob import MPIJobOperator
 
             # deferrable: the triggerer follows the training, which can take days, not a worker slot
-            return MPIJobOperator(task_id=task_id, arguments=arguments, workers=RANKS, settings=self.settings,
-                                  env_vars=self.env(), worker_resources=RESOURCES["distill"], deferrable=True)
+            return MPIJobOperator.partial(task_id=task_id, workers=RANKS, settings=self.settings, env_vars=self.env(),
+                                          worker_resources=RESOURCES["distill"], deferrable=True
+                                          ).expand(arguments=arguments)
         from bertdistill.orchestration.local import LocalStepOperator
 
-        return LocalStepOperator(task_id=task_id, arguments=arguments, env_vars=self.env(), ranks=RANKS)
+        return LocalStepOperator.partial(task_id=task_id, env_vars=self.env(), ranks=RANKS).expand(arguments=arguments)
 
     def _operator(self, task_id: str) -> tuple[type, dict[str, Any]]:
         if self.settings.mode == "kubernetes":

@@ -92,8 +92,7 @@ def teacher_has_mlm_head(plan: dict) -> bool:
 def training_arguments(plan: dict) -> dict[str, Any]:
     """Label, distill and evaluate with the adapted teacher when adapt_teacher made one, else the fetched one."""
     teacher = plan["adapted_teacher"] if _manifest(plan["adapted_teacher"]) else plan["teacher"]
-    return {"teacher": teacher, "distill": planning.distill_args(plan, teacher),
-            "evaluate": planning.evaluate_args(plan, teacher)}
+    return {"teacher": teacher, "evaluate": planning.evaluate_args(plan, teacher)}
 
 
 def end_tracking(parent_run_id: str | None, status: str, settings: Settings | None = None) -> None:

@@ -1,11 +1,18 @@
-"""evaluate: the student against its teacher on the held-out labelled shards.
+"""evaluate: the student against its teacher and its no-teacher control on the held-out shards.
 
 Accuracy alone misleads on masked-LM: always answering the most frequent token ("the")
 scores about 5% here, and a weak teacher agrees with such a student 44% of the time. So
 the report puts every figure beside that baseline and adds accuracy on the tokens outside
-the 10 most frequent. The teacher's predictions come from the cached labels (its top-1 is
-the first cached id), so only the student runs over the data; both models are timed on
-one batch for latency, encoder alone and with the masked-LM head.
+the 10 most frequent. What distillation bought is measured against the control, the same
+student trained on the same data and steps without the teacher (`--control`): the gain is
+the student's held-out top-1 minus the control's, with a paired bootstrap 95% interval over
+the held-out positions, and a verdict in words (a teacher weaker than the control is named
+as such). Calibration: expected calibration error of each model's top-1 (15 equal bins),
+since truncated teacher caches are known to hurt it.
+
+The teacher's predictions come from the cached labels (its top-1 is the first cached id,
+its confidence the first cached probability), so only the students run over the data; the
+models are timed on one batch for latency, encoder alone and with the masked-LM head.
 
 Output: report.json and report.png in the output folder.
 """
@@ -36,6 +43,7 @@ class EvaluateParams:
     student: str
     heldout: str
     output: str
+    control: str | None = None
     top_k: int = 10
     batch_size: int = 64
     max_examples: int = 0  # 0: all
@@ -46,8 +54,11 @@ class EvaluateParams:
 def run(params: EvaluateParams) -> Manifest:
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "student", "heldout", "output",
-                                                                        "force")}
-    fingerprint["schema"] = 1
+                                                                        "control", "force")}
+    fingerprint["schema"] = 2
+    inputs = {"teacher": params.teacher, "student": params.student, "heldout": params.heldout}
+    if params.control:
+        inputs["control"] = params.control
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
@@ -55,11 +66,16 @@ def run(params: EvaluateParams) -> Manifest:
 
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
-        student_folder = open_folder(params.student).join("export")
-        with staged_teacher(student_folder.uri) as local:
-            student_config, student_weights, student_vocab = load_teacher(local, student_folder.uri)
-        if student_vocab.sha256 != vocab.sha256:
-            raise StepError(f"student {params.student} uses another vocab than teacher {params.teacher}")
+        students = {}
+        for role, uri in (("student", params.student), ("control", params.control)):
+            if uri is None:
+                continue
+            folder = open_folder(uri).join("export")
+            with staged_teacher(folder.uri) as local:
+                config, weights, student_vocab = load_teacher(local, folder.uri)
+            if student_vocab.sha256 != vocab.sha256:
+                raise StepError(f"{role} {uri} uses another vocab than teacher {params.teacher}")
+            students[role] = (config, weights)
         folder = open_folder(params.heldout)
         names = [n for n in folder.list() if n.endswith(".tfrecord")]
         if not names:
@@ -69,91 +85,171 @@ def run(params: EvaluateParams) -> Manifest:
             open_labels(folder.child_uri(name), vocab.sha256, params.top_k)
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             paths = stage_locally([folder.child_uri(n) for n in names], Path(tmp))
-            report = evaluate(student_config, student_weights, teacher_config, teacher_weights, paths, info, params)
+            report = evaluate(students, teacher_config, teacher_weights, paths, info, params)
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             chart(report, Path(tmp) / "report.png")
             for name in ("report.json", "report.png"):
                 writer.write_bytes(name, (Path(tmp) / name).read_bytes())
         s, t = report["student"], report["teacher"]
+        control = f" vs control {report['control']['mlm_accuracy']:.1%}" if "control" in report else ""
         print(f"evaluate: {report['positions']:,} held-out masked positions; masked-LM top-1 student "
-              f"{s['mlm_accuracy']:.1%} vs teacher {t['mlm_accuracy']:.1%} ({report['student_over_teacher']:.1%} "
-              f"kept; most-frequent-token baseline {report['baseline']['mlm_accuracy']:.1%}); encoder "
-              f"{report['speedup_encoder']:.2f}x faster -> {output.uri}")
-        return report
+              f"{s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} "
+              f"({report['student_over_teacher']:.1%} kept; most-frequent-token baseline "
+              f"{report['baseline']['mlm_accuracy']:.1%}); encoder {report['speedup_encoder']:.2f}x faster "
+              f"-> {output.uri}\nevaluate: {report['verdict']}")
+        return report | {"parent_metrics": headline(report), "parent_tags": {"verdict": report["verdict"]}}
 
-    return run_step("evaluate", fingerprint, {"teacher": params.teacher, "student": params.student,
-                                              "heldout": params.heldout}, output, work, force=params.force)
+    return run_step("evaluate", fingerprint, inputs, output, work, force=params.force)
 
 
-def evaluate(student_config, student_weights, teacher_config, teacher_weights, paths: list[str], info: dict,
+def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
              params: EvaluateParams) -> dict:
+    """students: role ("student", and "control" when given) -> (config, weights)."""
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
     from bertdistill.losses import soft_mlm_loss
     from bertdistill.tfdata import labelled_dataset
 
-    student = Bert(student_config)
-    student.assign(student_weights)
+    models = {}
+    for role, (config, weights) in students.items():
+        models[role] = Bert(config)
+        models[role].assign(weights)
     teacher = Bert(teacher_config)
     teacher.assign(teacher_weights)
     L, P, k = info["max_seq_length"], info["max_predictions_per_seq"], params.top_k
 
-    @tf.function
-    def predict(b):
-        sequence = student.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
-        logits = student.mlm_logits(sequence, b["masked_lm_positions"])
-        kl = soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"],
-                           b["masked_lm_weights"], 1.0)
-        return (tf.argmax(logits, -1, output_type=tf.int32), tf.argmax(student.nsp_logits(sequence), -1,
-                                                                       output_type=tf.int32), kl)
+    def predictor(model):
+        @tf.function
+        def predict(b):
+            sequence = model.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
+            logits = model.mlm_logits(sequence, b["masked_lm_positions"])
+            kl = soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"],
+                               b["masked_lm_weights"], 1.0)
+            return (tf.argmax(logits, -1, output_type=tf.int32), tf.reduce_max(tf.nn.softmax(logits), -1),
+                    tf.argmax(model.nsp_logits(sequence), -1, output_type=tf.int32), kl)
+        return predict
 
-    labels, student_top1, teacher_top1 = [], [], []
-    nsp_labels, student_nsp, teacher_nsp = [], [], []
-    kl_sum = weight_sum = 0.0
+    predictors = {role: predictor(model) for role, model in models.items()}
+    columns: dict[str, list[np.ndarray]] = {}
+    kl_sums = dict.fromkeys(models, 0.0)
+    weight_sum = 0.0
     seen = 0
+
+    def add(name: str, value: np.ndarray) -> None:
+        columns.setdefault(name, []).append(value)
+
     for batch in labelled_dataset(paths, L, P, k, params.batch_size):
-        mlm, nsp, kl = predict(batch)
         real = batch["masked_lm_weights"].numpy() > 0
-        labels.append(batch["masked_lm_ids"].numpy()[real])
-        student_top1.append(mlm.numpy()[real])
-        teacher_top1.append(batch["teacher_topk_ids"].numpy()[..., 0][real])
-        nsp_labels.append(batch["next_sentence_labels"].numpy()[:, 0])
-        student_nsp.append(nsp.numpy())
-        teacher_nsp.append(batch["teacher_nsp_logits"].numpy().argmax(-1))
-        kl_sum += float(kl) * real.sum()
+        add("labels", batch["masked_lm_ids"].numpy()[real])
+        add("teacher_top1", batch["teacher_topk_ids"].numpy()[..., 0][real])
+        add("teacher_confidence", batch["teacher_topk_probs"].numpy()[..., 0][real])
+        add("nsp_labels", batch["next_sentence_labels"].numpy()[:, 0])
+        add("teacher_nsp", batch["teacher_nsp_logits"].numpy().argmax(-1))
+        for role, predict in predictors.items():
+            mlm, confidence, nsp, kl = predict(batch)
+            add(f"{role}_top1", mlm.numpy()[real])
+            add(f"{role}_confidence", confidence.numpy()[real])
+            add(f"{role}_nsp", nsp.numpy())
+            kl_sums[role] += float(kl) * real.sum()
         weight_sum += real.sum()
         seen += len(real)
         if params.max_examples and seen >= params.max_examples:
             break
-    y, s, t = (np.concatenate(x) for x in (labels, student_top1, teacher_top1))
-    ny, ns, nt = (np.concatenate(x) for x in (nsp_labels, student_nsp, teacher_nsp))
+    col = {name: np.concatenate(parts) for name, parts in columns.items()}
+    y, t = col["labels"], col["teacher_top1"]
     frequent = [token for token, _ in Counter(y.tolist()).most_common(10)]
     rare = ~np.isin(y, frequent)
     most = frequent[0]
 
-    def scores(pred: np.ndarray, nsp_pred: np.ndarray | None) -> dict:
+    def scores(pred: np.ndarray, confidence: np.ndarray | None, nsp_pred: np.ndarray | None) -> dict:
         out = {"mlm_accuracy": float((pred == y).mean()),
                "mlm_accuracy_outside_top10": float((pred == y)[rare].mean()),
                "agreement_with_teacher": float((pred == t).mean())}
+        if confidence is not None:
+            out["mlm_calibration_error"] = calibration_error(confidence, pred == y)
         if nsp_pred is not None:
-            out["nsp_accuracy"] = float((nsp_pred == ny).mean())
+            out["nsp_accuracy"] = float((nsp_pred == col["nsp_labels"]).mean())
         return out
 
-    report = {
-        "examples": seen, "positions": len(y), "most_frequent_token_id": int(most),
-        "student": {**scores(s, ns), "kl_from_teacher": kl_sum / max(weight_sum, 1),
-                    "parameters": student.parameter_count(), "layers": student_config.num_hidden_layers},
-        "teacher": {**scores(t, nt), "parameters": teacher.parameter_count(),
-                    "layers": teacher_config.num_hidden_layers},
-        "baseline": scores(np.full_like(y, most), None),
-    }
+    report: dict = {"examples": seen, "positions": len(y), "most_frequent_token_id": int(most)}
+    for role, model in models.items():
+        report[role] = {**scores(col[f"{role}_top1"], col[f"{role}_confidence"], col[f"{role}_nsp"]),
+                        "kl_from_teacher": kl_sums[role] / max(weight_sum, 1),
+                        "parameters": model.parameter_count(), "layers": students[role][0].num_hidden_layers}
+    report["teacher"] = {**scores(t, col["teacher_confidence"], col["teacher_nsp"]),
+                         "parameters": teacher.parameter_count(), "layers": teacher_config.num_hidden_layers}
+    report["baseline"] = scores(np.full_like(y, most), None, None)
     report["student_over_teacher"] = report["student"]["mlm_accuracy"] / max(report["teacher"]["mlm_accuracy"], 1e-9)
-    for name, model in (("student", student), ("teacher", teacher)):
+    if "control" in models:
+        gain, low, high = paired_gain(col["student_top1"] == y, col["control_top1"] == y)
+        report["distillation_gain"] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
+    report["verdict"] = verdict(report)
+    for name, model in (("student", models["student"]), ("teacher", teacher)):
         report[name].update(latency(model, params.latency_batch, L, P))
     report["speedup_encoder"] = report["teacher"]["latency_encoder_s"] / report["student"]["latency_encoder_s"]
     report["speedup_with_mlm_head"] = report["teacher"]["latency_mlm_s"] / report["student"]["latency_mlm_s"]
     return report
+
+
+def paired_gain(student_correct: np.ndarray, control_correct: np.ndarray, resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """Student minus control top-1 accuracy, with a paired bootstrap 95% interval over positions."""
+    diff = student_correct.astype(np.float64) - control_correct.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(0, resamples, 100):
+        rows = min(100, resamples - i)
+        means[i : i + rows] = diff[rng.integers(0, len(diff), (rows, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin, weighted."""
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total / max(len(confidence), 1))
+
+
+def verdict(report: dict) -> str:
+    """What the figures say, in words: the sentence a user reads first."""
+    s, t = report["student"]["mlm_accuracy"], report["teacher"]["mlm_accuracy"]
+    if "distillation_gain" not in report:
+        return (f"The student reaches {s:.1%} held-out top-1 against the teacher's {t:.1%}; no no-teacher control "
+                "was trained, so what the teacher added is not measured.")
+    c = report["control"]["mlm_accuracy"]
+    g = report["distillation_gain"]
+    interval = f"{g['mlm_accuracy'] * 100:+.1f} points (95% interval {g['ci95_low'] * 100:+.1f} to " \
+               f"{g['ci95_high'] * 100:+.1f})"
+    if g["ci95_low"] > 0:
+        words = f"Distillation helped: the student beats the same student trained without the teacher by {interval}."
+    elif g["ci95_high"] < 0:
+        words = f"Distillation hurt: the student trails the same student trained without the teacher by {interval}."
+    else:
+        words = f"No measurable gain from the teacher: the student differs from its no-teacher control by {interval}."
+    if t < c:
+        words += (f" The teacher ({t:.1%}) is weaker than the control ({c:.1%}): it pulls the student towards a "
+                  "worse model; adapt it longer or distil from a stronger one.")
+    return words
+
+
+def headline(report: dict) -> dict[str, float]:
+    """The figures the pipeline's MLflow parent run shows."""
+    out = {"student_mlm_accuracy": report["student"]["mlm_accuracy"],
+           "teacher_mlm_accuracy": report["teacher"]["mlm_accuracy"],
+           "student_over_teacher": report["student_over_teacher"], "speedup_encoder": report["speedup_encoder"],
+           "student_mlm_calibration_error": report["student"]["mlm_calibration_error"]}
+    if "distillation_gain" in report:
+        out |= {"control_mlm_accuracy": report["control"]["mlm_accuracy"],
+                "distillation_gain": report["distillation_gain"]["mlm_accuracy"],
+                "distillation_gain_ci95_low": report["distillation_gain"]["ci95_low"],
+                "distillation_gain_ci95_high": report["distillation_gain"]["ci95_high"]}
+    return out
 
 
 def latency(model, batch: int, L: int, P: int, repeats: int = 5) -> dict:
@@ -184,15 +280,24 @@ def chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     names = ["mlm_accuracy", "mlm_accuracy_outside_top10", "agreement_with_teacher"]
     x = np.arange(len(names))
-    for offset, who in ((-0.27, "baseline"), (0.0, "student"), (0.27, "teacher")):
-        left.bar(x + offset, [report[who].get(n, 0) for n in names], 0.27, label=who)
+    whos = [w for w in ("baseline", "control", "student", "teacher") if w in report]
+    width = 0.8 / len(whos)
+    labels = {"control": "control (no teacher)"}
+    for i, who in enumerate(whos):
+        left.bar(x + (i - (len(whos) - 1) / 2) * width, [report[who].get(n, 0) for n in names], width,
+                 label=labels.get(who, who))
     left.set_xticks(x, ["top-1", "top-1 outside\n10 most frequent", "agreement\nwith teacher"])
     left.set_ylabel("held-out masked positions")
     left.legend()
-    left.set_title(f"{report['positions']:,} held-out masked positions")
+    title = f"{report['positions']:,} held-out masked positions"
+    if "distillation_gain" in report:
+        g = report["distillation_gain"]
+        title += (f"\ngain over control {g['mlm_accuracy'] * 100:+.1f} points "
+                  f"(95% CI {g['ci95_low'] * 100:+.1f} to {g['ci95_high'] * 100:+.1f})")
+    left.set_title(title)
     whos = ["student", "teacher"]
     right.bar(np.arange(2) - 0.2, [report[w]["latency_encoder_s"] for w in whos], 0.4, label="encoder")
     right.bar(np.arange(2) + 0.2, [report[w]["latency_mlm_s"] for w in whos], 0.4, label="encoder + MLM head")
