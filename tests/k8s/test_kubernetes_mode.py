@@ -66,8 +66,9 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     root, proc = k8s_run
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "publish" in tasks_run(out), out[-5000:]
-    # distill is deferrable: it runs, defers to the trigger, and resumes once (no retry hid a failure: try 1)
-    assert out.count("running task <TaskInstance: bert_distillation.distill ") == 2, out[-5000:]
+    # distill is mapped over the student and its no-teacher control; each is deferrable: it runs, defers to
+    # the trigger, and resumes once (no retry hid a failure: try 1)
+    assert out.count("running task <TaskInstance: bert_distillation.distill ") == 4, out[-5000:]
     pods = _created(cluster, PODS)
     by_step = {}
     for pod in pods:
@@ -94,7 +95,14 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     k = cluster.kmock
     deleted = {r.name for r in cluster.requests(k.action.DELETE, k.resource(PODS))}
     assert {p["metadata"]["name"] for p in pods} <= deleted
-    [job] = _created(cluster, MPIJOBS)
+    jobs = sorted(_created(cluster, MPIJOBS), key=lambda j: j["metadata"]["labels"]["airflow.apache.org/map_index"])
+    assert [j["metadata"]["labels"]["airflow.apache.org/map_index"] for j in jobs] == ["0", "1"]
+    commands = [j["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"] for j in jobs]
+    assert "--soft-mlm-weight" not in commands[0]
+    control = commands[1]
+    assert control[control.index("--soft-mlm-weight") + 1] == control[control.index("--soft-nsp-weight") + 1] == "0"
+    assert control[control.index("--output") + 1] == commands[0][commands[0].index("--output") + 1] + "/control"
+    job = jobs[0]
     launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
     assert launcher["command"][:3] == ["mpirun", "-np", "1"]
     assert launcher["command"][launcher["command"].index("bertdistill") + 1] == "distill"
@@ -106,7 +114,8 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert worker["command"] == ["start-sshd"] and worker["readinessProbe"]["tcpSocket"]["port"] == 2222
     assert len(cluster.requests(k.action.FETCH, k.resource(MPIJOBS))) >= 1  # followed its conditions
-    assert [r.name for r in cluster.requests(k.action.DELETE, k.resource(MPIJOBS))] == [job["metadata"]["name"]]
+    assert sorted(r.name for r in cluster.requests(k.action.DELETE, k.resource(MPIJOBS))) == sorted(
+        j["metadata"]["name"] for j in jobs)
     assert "[launcher] distill: 4 steps" in out, out[-8000:]  # the launcher's log, copied into the task log
     assert list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
 
