@@ -1,7 +1,7 @@
 """Distillation quality: what each kind of soft target buys, against two references.
 
     python bench/quality.py [--run data/runs/enwiki-20160101] [--steps 200] [--batch-size 32]
-                            [--rows control,cache-k10,...]
+                            [--rows control,cache-k10,...] [--teacher DIR --labels DIR]
 
 Uses what `make demo` left in the store (the adapted teacher, its labelled train and
 held-out shards), so every row trains the same student (the teacher's config with 3
@@ -165,13 +165,15 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--student-layers", type=int, default=3)
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--teacher", type=Path, default=None, help="adapted teacher folder (default: the run's)")
+    parser.add_argument("--labels", type=Path, default=None, help="labels folder with train/, heldout/ (the run's)")
     args = parser.parse_args()
 
     from bertdistill.bert.checkpoints import load_teacher
     from bertdistill.steps.evaluate import calibration_error, paired_gain
     from bertdistill.steps.label_teacher import open_labels
 
-    teacher_dir, labels = find_run(args.run)
+    teacher_dir, labels = (args.teacher, args.labels) if args.teacher and args.labels else find_run(args.run)
     teacher_config, teacher_weights, vocab = load_teacher(teacher_dir, str(teacher_dir))
     train_paths = sorted(str(p) for p in (labels / "train").glob("*.tfrecord"))
     heldout_paths = sorted(str(p) for p in (labels / "heldout").glob("*.tfrecord"))

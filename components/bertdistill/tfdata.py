@@ -19,9 +19,9 @@ def pretraining_spec(max_seq_length: int, max_predictions: int) -> dict[str, tf.
 
 
 def records(paths: list[str]) -> tf.data.Dataset:
-    """Serialized records of all shards, interleaved one by one (deterministic order)."""
+    """Serialized records of all shards, interleaved one by one (sequential, so the order is fixed)."""
     return tf.data.Dataset.from_tensor_slices(list(paths)).interleave(
-        tf.data.TFRecordDataset, cycle_length=max(len(paths), 1), block_length=1, deterministic=True)
+        tf.data.TFRecordDataset, cycle_length=max(len(paths), 1), block_length=1)
 
 
 def pretraining_dataset(paths: list[str], max_seq_length: int, max_predictions: int, batch_size: int,

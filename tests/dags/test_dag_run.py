@@ -67,10 +67,16 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     client, all_runs = runs(root / "mlflow.db")
     [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.info.run_name == "enwiki-20160101"
+    # The no-teacher control ran beside the student, and what the teacher added shows on the parent run.
+    gain = parent.data.metrics
+    assert gain["distillation_gain_ci95_low"] <= gain["distillation_gain"] <= gain["distillation_gain_ci95_high"]
+    assert gain["distillation_gain"] == pytest.approx(gain["student_mlm_accuracy"] - gain["control_mlm_accuracy"])
+    assert "no-teacher control" in parent.data.tags["bertdistill.verdict"]
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     steps = sorted({r.data.tags["bertdistill.step"] for r in children})
     assert steps == sorted(STEPS)
     assert sum(r.data.tags["bertdistill.step"] == "label-teacher" for r in children) == 3  # 2 train + 1 held-out
+    assert sum(r.data.tags["bertdistill.step"] == "distill" for r in children) == 2  # the student and its control
     [extract] = [r for r in children if r.data.tags["bertdistill.step"] == "extract"]
     [dump] = [json.loads(d.dataset.source)["uri"] for d in extract.inputs.dataset_inputs]
     assert dump.startswith(str(root / "store" / "dumps" / "enwiki" / "20160101"))

@@ -35,12 +35,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = json.loads(Path(client.download_artifacts(champion.run_id, "report.json", tmp)).read_text())
     s, t = report["student"], report["teacher"]
+    control = f" vs no-teacher control {report['control']['mlm_accuracy']:.1%}" if "control" in report else ""
     print(f"""
 MLflow store:      {uri}
 pipeline run:      {parent.info.run_name if parent else "-"} {parent_id or ""}
 registered model:  {MODEL} version {champion.version} (alias champion)
-held-out MLM top-1 student {s['mlm_accuracy']:.1%} vs teacher {t['mlm_accuracy']:.1%} \
+held-out MLM top-1 student {s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} \
 ({report['student_over_teacher']:.1%} kept); baseline {report['baseline']['mlm_accuracy']:.1%}
+{report.get('verdict', '')}
 student {s['layers']} layers, {s['parameters'] / 1e6:.1f} M parameters; encoder {report['speedup_encoder']:.2f}x faster
 student SavedModel: {run.data.tags.get('bertdistill.output', '-')}
 
