@@ -62,8 +62,9 @@ $(SAMPLE)/.done: $(STAMP) components/bertdistill/sample.py
 AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False BERTDISTILL_STORE=$(CURDIR)/$(DATA) \
 	BERTDISTILL_MIRROR=$(CURDIR)/$(SAMPLE)/mirror BERTDISTILL_TEACHER=$(CURDIR)/$(SAMPLE)/minilm
-DEMO_CONF ?= {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "dupe_factor": 2, \
-	"adapt_steps": 120, "student_layers": 3, "top_k": 10, "train_steps": 200, "batch_size": 32, "ranks": 1}
+DEMO_CONF ?= {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "max_seq_length": 64, \
+	"max_predictions_per_seq": 10, "dupe_factor": 1, "adapt_steps": 300, "adapt_learning_rate": 0.001, \
+	"student_layers": 3, "top_k": 10, "train_steps": 200, "batch_size": 32, "ranks": 1}
 
 demo: sample
 	$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null

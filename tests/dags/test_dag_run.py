@@ -126,7 +126,7 @@ def test_the_teachers_exact_gelu_survives_every_saved_folder_and_the_savedmodel(
     configs = sorted((root / "store").rglob("bert_config.json"))
     kinds = {p.parent.name if p.parent.name != "export" else p.parent.parent.name.split("-")[0] for p in configs}
     assert len(configs) >= 3, configs  # fetched teacher, adapted teacher, student export
-    assert {"tiny-bert", "tiny-bert-adapted-2"} <= kinds
+    assert {"tiny-bert", "tiny-bert-adapted-2-lr0.0004"} <= kinds
     for path in configs:
         assert BertConfig.from_json_file(path).hidden_act == "gelu", path
         assert transformers.BertConfig.from_json_file(path).hidden_act == "gelu", path

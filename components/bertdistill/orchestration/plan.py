@@ -21,8 +21,8 @@ MANIFEST = "_MANIFEST.json"
 DEFAULTS: dict[str, Any] = {
     "wiki": "enwiki", "date": "latest", "max_dump_files": None, "teacher": None,
     "train_shards": 8, "heldout_shards": 1, "max_seq_length": 128, "max_predictions_per_seq": 20,
-    "dupe_factor": 10, "adapt_steps": 300, "student_layers": 3, "top_k": 10, "train_steps": 10000,
-    "batch_size": 32, "ranks": 1, "control": True, "force": False,
+    "dupe_factor": 10, "adapt_steps": 300, "adapt_learning_rate": 4e-4, "student_layers": 3, "top_k": 10,
+    "train_steps": 10000, "batch_size": 32, "ranks": 1, "control": True, "force": False,
 }
 
 
@@ -50,9 +50,9 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     teacher_name = teacher_source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip")
     examples = _join(run, "examples", f"{p['max_seq_length']}-{p['max_predictions_per_seq']}-{p['dupe_factor']}")
     teacher = _join(root, "teachers", teacher_name)
-    adapted = _join(run, "teachers", f"{teacher_name}-adapted-{p['adapt_steps']}")
+    adapted = _join(run, "teachers", f"{teacher_name}-adapted-{p['adapt_steps']}-lr{p['adapt_learning_rate']:g}")
     student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size")}
-                       | {"teacher": teacher_source, "examples": examples})
+                       | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
     student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
     return {
         "params": p, "date": date, "run": run, "dumps": _join(root, "dumps"),
@@ -111,7 +111,8 @@ def fetch_teacher_args(plan: dict) -> list[str]:
 
 def adapt_teacher_args(plan: dict) -> list[str]:
     return ["adapt-teacher", "--teacher", plan["teacher"], "--examples", plan["examples"], "--output",
-            plan["adapted_teacher"], "--steps", str(plan["params"]["adapt_steps"]), *_force(plan)]
+            plan["adapted_teacher"], "--steps", str(plan["params"]["adapt_steps"]), "--learning-rate",
+            str(plan["params"]["adapt_learning_rate"]), *_force(plan)]
 
 
 def label_teacher_args(plan: dict, teacher: str) -> list[list[str]]:
