@@ -34,6 +34,17 @@ def frame(payload: bytes) -> bytes:
     return b"".join((header, _CRC.pack(masked_crc(header)), payload, _CRC.pack(masked_crc(payload))))
 
 
+def split_framed(data: bytes) -> list[bytes]:
+    """Framed records back to back -> one bytes object per record, frame included (no CRC check:
+    for bytes this process framed itself)."""
+    out, at = [], 0
+    while at < len(data):
+        end = at + 16 + _LEN.unpack_from(data, at)[0]
+        out.append(data[at:end])
+        at = end
+    return out
+
+
 def read_records(f: BinaryIO, name: str = "<stream>") -> Iterator[bytes]:
     """Yield payloads, verifying both CRCs; a damaged file is a clear error, not garbage."""
     index = 0

@@ -10,9 +10,8 @@ whole words. Two things differ, both for memory and speed at Wikipedia scale:
   GB on full Wikipedia). Here documents are read in chunks of at least CHUNK_CHARS
   characters and MIN_DOCS documents; each chunk yields its examples for all dupe_factor
   passes, and the random next segment comes from another document of the same chunk.
-  The shard is then shuffled as a whole, as Google's is, by a two-pass external shuffle:
-  every example goes to a random one of the shard's buckets (temporary files of about
-  BUCKET_BYTES), then each bucket is permuted in memory and appended. A chunk-local
+  The shard is then shuffled as a whole, as Google's is, by shuffle.py's two-pass external
+  shuffle in buckets of about BUCKET_BYTES. A chunk-local
   shuffle left the dupe_factor copies of a document within a few thousand consecutive
   records, so a student met the same sentence again every few dozen steps.
 * Parallel and vectorised. Chunks go to a process per core; each tokenizes with the
@@ -27,11 +26,8 @@ import logging
 import multiprocessing
 import os
 import random
-import struct
-import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -42,6 +38,7 @@ from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import PretrainingBatch, encode_pretraining
+from bertdistill.shuffle import shuffled_output
 from bertdistill.store import scratch_dir, split_uri
 from bertdistill.tokenization import Vocab, wordpiece_tokenizer
 
@@ -146,12 +143,10 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
     buckets = max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES))
     # The Rust tokenizer must not start its own thread pool before we fork workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with tempfile.TemporaryDirectory(dir=scratch_dir(), prefix="buckets-") as tmp, ExitStack() as stack:
-        files = [stack.enter_context(open(Path(tmp) / f"{b:05d}", "w+b")) for b in range(buckets)]
-
+    with shuffled_output(out_path, buckets, params.random_seed, scratch_dir()) as add:
         def scatter(index: int, result: tuple[bytes, int, int], consumed: int) -> None:
             data, examples, documents = result
-            _scatter(data, np.random.default_rng([params.random_seed, index, 1]), files)
+            add(data, np.random.default_rng([params.random_seed, index, 1]))
             totals["examples"] += examples
             totals["documents"] += documents
             totals["chunks"] += 1
@@ -175,39 +170,11 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
                 while pending:
                     done, future, done_bytes = pending.popleft()
                     scatter(done, future.result(), done_bytes)
-        with open(out_path, "wb") as out:
-            for b, f in enumerate(files):
-                f.seek(0)
-                records = _split_records(f.read())
-                order = np.random.default_rng([params.random_seed, b, 2]).permutation(len(records))
-                out.write(b"".join(records[i] for i in order))
     totals["seconds"] = round(progress.elapsed, 3)
     totals["shuffle_buckets"] = buckets
     if totals["examples"] == 0:
         log.warning("make-examples: %s produced no examples (no documents with text)", params.input)
     return totals
-
-
-def _split_records(data: bytes) -> list[bytes]:
-    """Framed TFRecords back to back -> one bytes object per record (frame included)."""
-    out, at = [], 0
-    while at < len(data):
-        (length,) = struct.unpack_from("<Q", data, at)
-        end = at + 16 + length
-        out.append(data[at:end])
-        at = end
-    return out
-
-
-def _scatter(data: bytes, rng: np.random.Generator, files: list) -> None:
-    """Append each framed record of a chunk to a random bucket file."""
-    records = _split_records(data)
-    if len(files) == 1:
-        files[0].write(data)
-        return
-    target = rng.integers(0, len(files), len(records))
-    for b in np.unique(target):
-        files[b].write(b"".join(records[i] for i in np.flatnonzero(target == b)))
 
 
 def _read_chunks(path: Path, uri: str):
