@@ -68,9 +68,8 @@ DEMO_CONF ?= {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "max_
 
 demo: sample
 	$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null
-	$(AIRFLOW_ENV) $(BIN)/airflow dags test bert_distillation -c '$(DEMO_CONF)' > $(DATA)/demo.log 2>&1 || \
-		(tail -n 40 $(DATA)/demo.log; echo "demo: the DAG run failed; full log in $(DATA)/demo.log"; exit 1)
-	@grep -E "\[DAG TEST\] running task" $(DATA)/demo.log | sed -E 's/.*bert_distillation\.([a-z_]+).*/  ran \1/' | uniq -c
+	$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.demo_progress --log $(DATA)/demo.log -- \
+		$(BIN)/airflow dags test bert_distillation -c '$(DEMO_CONF)'
 	@$(AIRFLOW_ENV) $(BIN)/python -m bertdistill.orchestration.summary
 
 # Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) and an MLflow server,

@@ -17,6 +17,14 @@ the same order for the same steps, and differs only in its soft targets:
                      any cache of its outputs can reach
     online-hidden    online-dense plus DistilBERT's cosine loss between the last hidden
                      states of student and teacher
+    online-relation  online-dense plus MiniLM v2's self-attention relation transfer: KL
+                     between the teacher's and the student's last-layer query-query,
+                     key-key and value-value relations (12 relation heads)
+    sampled-12       what a sampled cache would hold ("Sparse Logit Sampling", arXiv
+                     2503.16870): 12 tokens drawn from the teacher's distribution per
+                     position, the target their counts / 12, an unbiased estimate of the
+                     full distribution (no rest mass); drawn online, once per example
+                     since no row's steps reach a second epoch
 
 All rows use the DAG's other weights (hard masked-LM 1, next-sentence 0.5, soft
 next-sentence 0.5 when there is a teacher). Each student is scored on the held-out shards:
@@ -37,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROWS = ("control", "cache-k10", "cache-k5", "cache-k10-t2", "online-dense", "online-hidden")
+ROWS = ("control", "cache-k10", "cache-k5", "cache-k10-t2", "online-dense", "online-hidden", "online-relation",
+        "sampled-12")
+SAMPLES = 12
+RELATION_HEADS = 12
 
 
 def find_run(run: Path) -> tuple[Path, Path]:
@@ -59,6 +70,27 @@ def truncate_cache(batch: dict, k: int) -> dict:
             "teacher_rest_prob": batch["teacher_rest_prob"] + cut}
 
 
+def relations(model, before_last, mask):
+    """MiniLM v2's query-query, key-key and value-value relations of the model's last layer.
+
+    `before_last` is the input of the last layer [B, L, H]; each relation is a softmax over
+    scaled dot products within one of RELATION_HEADS heads, [B, heads, L, L], padding masked.
+    """
+    import tensorflow as tf
+
+    B, L, H = tf.shape(before_last)[0], tf.shape(before_last)[1], model.config.hidden_size
+    size = H // RELATION_HEADS
+    x = tf.reshape(before_last, [-1, H])
+    prefix = f"bert/encoder/layer_{model.config.num_hidden_layers - 1}/attention/self/"
+    bias = (1.0 - tf.cast(mask, tf.float32))[:, None, None, :] * -10000.0
+    out = []
+    for name in ("query", "key", "value"):
+        t = tf.matmul(x, model.weights[prefix + name + "/kernel"]) + model.weights[prefix + name + "/bias"]
+        t = tf.transpose(tf.reshape(t, [B, L, RELATION_HEADS, size]), [0, 2, 1, 3])
+        out.append(tf.nn.log_softmax(tf.matmul(t, t, transpose_b=True) / size ** 0.5 + bias))
+    return out
+
+
 def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dict, args) -> tuple[dict, float]:
     import tensorflow as tf
 
@@ -72,7 +104,7 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
     model = Bert(config, seed=0)
     model.assign(init_from_teacher(teacher_weights, teacher_config, config))
     teacher = None
-    if row.startswith("online"):
+    if row.startswith(("online", "sampled")):
         teacher = Bert(teacher_config)
         teacher.assign(teacher_weights)
     variables = list(model.weights.values())
@@ -95,7 +127,21 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
                 loss += soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"],
                                       b["masked_lm_weights"], temperature)
                 loss += 0.5 * soft_next_sentence_loss(nsp, b["teacher_nsp_logits"], temperature)
-            if teacher is not None:
+            if row == "sampled-12":
+                t_sequence = teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
+                t_logits = teacher.mlm_logits(t_sequence, b["masked_lm_positions"])
+                flat = tf.reshape(t_logits, [-1, teacher_config.vocab_size])
+                drawn = tf.random.stateless_categorical(flat, SAMPLES, seed, dtype=tf.int32)
+                rows = tf.repeat(tf.range(tf.shape(flat)[0]), SAMPLES)
+                index = tf.stack([rows, tf.reshape(drawn, [-1])], 1)
+                share = tf.fill([tf.shape(index)[0]], 1 / SAMPLES)
+                counts = tf.tensor_scatter_nd_add(tf.zeros_like(flat), index, share)
+                target = tf.reshape(counts, tf.shape(t_logits))
+                w = b["masked_lm_weights"]
+                ce = -tf.reduce_sum(target * tf.nn.log_softmax(logits), -1)
+                loss += tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+                loss += 0.5 * soft_next_sentence_loss(nsp, teacher.nsp_logits(t_sequence))
+            elif teacher is not None:
                 t_sequence = teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
                 t_logits = teacher.mlm_logits(t_sequence, b["masked_lm_positions"])
                 p = tf.nn.softmax(t_logits)
@@ -103,6 +149,17 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
                 w = b["masked_lm_weights"]
                 loss += tf.reduce_sum(kl * w) / tf.maximum(tf.reduce_sum(w), 1.0)
                 loss += 0.5 * soft_next_sentence_loss(nsp, teacher.nsp_logits(t_sequence))
+                if row == "online-relation":
+                    n = teacher_config.num_hidden_layers
+                    t_rel = relations(teacher, teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"],
+                                                              num_layers=n - 1), b["input_mask"])
+                    s_before = model.encode(b["input_ids"], b["input_mask"], b["segment_ids"], training=True,
+                                            seed=seed, num_layers=config.num_hidden_layers - 1)
+                    s_rel = relations(model, s_before, b["input_mask"])
+                    rows_mask = tf.cast(b["input_mask"], tf.float32)[:, None, :]
+                    for t_log, s_log in zip(t_rel, s_rel, strict=True):
+                        kl = tf.reduce_sum(tf.exp(t_log) * (t_log - s_log), -1)
+                        loss += tf.reduce_sum(kl * rows_mask) / (tf.reduce_sum(rows_mask) * RELATION_HEADS)
                 if row == "online-hidden":
                     mask = tf.cast(b["input_mask"], tf.float32)
                     cos = -tf.keras.losses.cosine_similarity(sequence, tf.stop_gradient(t_sequence), axis=-1)
