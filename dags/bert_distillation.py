@@ -11,8 +11,15 @@ where the alias `champion` moves only when it is better.
 Every box is one `bertdistill <step>`: a child process in the embedded mode, a pod (and an
 MPIJob for distill) in the `kubernetes` mode, chosen by the BERTDISTILL_MODE setting. Each
 step skips work its output's manifest says is done, so a rerun resumes where a killed run
-stopped. The monthly schedule picks up each new dump; a month with no new dump stops after
-`check_dump`. Results: MLflow, one parent run per DAG run with a child run per step.
+stopped. Results: MLflow, one parent run per DAG run with a child run per step; opening and
+closing it are this DAG's setup and teardown, so a failed run closes it too.
+
+Two DAGs from one definition. `bert_distillation` has no schedule: a person triggers it from
+the form, and unpausing it starts nothing by itself. `bert_distillation_monthly` runs on the
+12th of each month (the 1st's dumps are finished by then) with the sizes the deployment sets
+(BERTDISTILL_MONTHLY_PARAMS, a JSON object over the form's defaults), never the form's; it
+is paused until an operator unpauses it, and a month with no new dump stops after
+`check_dump`.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, TriggerRule, dag, setup, task, teardown
 
+from bertdistill.orchestration.plan import DEFAULTS
 from bertdistill.orchestration.runners import StepOperators
 from bertdistill.orchestration.settings import Settings
 
@@ -31,141 +39,170 @@ steps = StepOperators(SETTINGS)
 WIKIS = ["enwiki", "simplewiki", "dewiki", "frwiki", "eswiki", "itwiki", "nlwiki", "plwiki", "ptwiki", "svwiki"]
 VOCAB_SIZE = 30522  # bert-base-uncased, the default teachers' vocab; check_dump checks the real teacher's
 
-PARAMS = {
-    "wiki": Param("enwiki", type="string", enum=WIKIS, title="Wiki", section="Data",
-                  description="Wikipedia database to distil on"),
-    "date": Param("latest", type="string", pattern=r"^(latest|\d{8})$", title="Dump date", section="Data",
-                  description="YYYYMMDD, or latest: the newest finished dump"),
-    "max_dump_files": Param(None, type=["null", "integer"], minimum=1, title="Max dump files", section="Data",
-                            description="first N pages-articles files only (empty: all)"),
-    "train_shards": Param(8, type="integer", minimum=1, maximum=4096, title="Train shards", section="Data"),
-    "heldout_shards": Param(1, type="integer", minimum=1, maximum=64, title="Held-out shards", section="Data"),
-    "max_seq_length": Param(128, type="integer", minimum=16, maximum=512, title="Sequence length",
-                            section="Examples"),
-    "max_predictions_per_seq": Param(20, type="integer", minimum=1, maximum=80, title="Masked positions",
-                                     section="Examples"),
-    "dupe_factor": Param(10, type="integer", minimum=1, maximum=100, title="Dupe factor", section="Examples",
-                         description="passes over the text with different masks"),
-    "teacher": Param(None, type=["null", "string"], minLength=1, title="Teacher source", section="Teacher",
-                     description="Google BERT zip URL/path or Hugging Face folder (empty: the configured default)"),
-    "adapt_steps": Param(300, type="integer", minimum=1, maximum=100000, title="Adaptation steps",
-                         section="Teacher", description="masked-LM head fitting, for teachers without one"),
-    "adapt_learning_rate": Param(4e-4, type="number", exclusiveMinimum=0, maximum=0.01,
-                                 title="Adaptation learning rate", section="Teacher",
-                                 description="peak learning rate of the head fitting (AdamW)"),
-    "top_k": Param(10, type="integer", minimum=1, maximum=VOCAB_SIZE, title="Top k", section="Teacher",
-                   description="teacher probabilities cached per masked position"),
-    "student_layers": Param(3, type="integer", minimum=1, maximum=24, title="Student layers", section="Student"),
-    "train_steps": Param(10000, type="integer", minimum=1, maximum=10_000_000, title="Train steps",
-                         section="Student"),
-    "batch_size": Param(32, type="integer", minimum=1, maximum=4096, title="Batch size", section="Student",
-                        description="examples per micro-batch; ranks x batch size = global batch"),
-    "ranks": Param(1, type="integer", minimum=1, maximum=256, title="Horovod ranks", section="Student"),
-    "control": Param(True, type="boolean", title="No-teacher control", section="Student",
-                     description="also train the same student without the teacher (hard labels only, same "
-                     "init, data and steps): the report then gives the distillation gain with its 95% interval"),
-    "force": Param(False, type="boolean", title="Force", section="Run",
-                   description="redo every step even if done, and distil a dump that was already distilled"),
-}
+
+def form(defaults: dict) -> dict[str, Param]:
+    """The trigger form. Costs are rough figures measured on 2 CPU cores with MiniLM (6 x 384)."""
+    d = defaults
+    return {
+        "wiki": Param(d["wiki"], type="string", enum=WIKIS, title="Wiki", section="Data",
+                      description="Wikipedia database to distil on (enwiki: about 22 GB compressed)"),
+        "date": Param(d["date"], type="string", pattern=r"^(latest|\d{8})$", title="Dump date", section="Data",
+                      description="YYYYMMDD, or latest: the newest finished dump"),
+        "max_dump_files": Param(d["max_dump_files"], type=["null", "integer"], minimum=1, title="Max dump files",
+                                section="Data", description="first N pages-articles files only (empty: all; "
+                                "enwiki has about 60, each about 400 MB compressed)"),
+        "train_shards": Param(d["train_shards"], type="integer", minimum=1, maximum=4096, title="Train shards",
+                              section="Data", description="text shards for training: each is one make-examples and "
+                              "one label-teacher task, run in parallel; more shards, smaller tasks"),
+        "heldout_shards": Param(d["heldout_shards"], type="integer", minimum=1, maximum=64,
+                                title="Held-out shards", section="Data",
+                                description="shards kept out of training, for evaluate (about 1 in 5 documents)"),
+        "max_seq_length": Param(d["max_seq_length"], type="integer", minimum=16, maximum=512,
+                                title="Sequence length", section="Examples",
+                                description="tokens per example; time per step grows about linearly up to 128 "
+                                "and faster beyond (attention)"),
+        "max_predictions_per_seq": Param(d["max_predictions_per_seq"], type="integer", minimum=1, maximum=80,
+                                         title="Masked positions", section="Examples",
+                                         description="most masked tokens per example (about 15% of its length); "
+                                         "label bytes grow in proportion"),
+        "dupe_factor": Param(d["dupe_factor"], type="integer", minimum=1, maximum=100, title="Dupe factor",
+                             section="Examples", description="passes over the text with different masks: examples, "
+                             "label-teacher time and storage (about 0.6 KB per example at 128 tokens) grow in "
+                             "proportion"),
+        "teacher": Param(d["teacher"], type=["null", "string"], minLength=1, title="Teacher source",
+                         section="Teacher", description="Google BERT zip URL/path or Hugging Face folder (empty: "
+                         "the configured default)"),
+        "adapt_steps": Param(d["adapt_steps"], type="integer", minimum=1, maximum=100000, title="Adaptation steps",
+                             section="Teacher", description="masked-LM head fitting, only for teachers without one "
+                             "(about 1.2 s per step of 32 x 64 tokens on 2 CPU cores)"),
+        "adapt_learning_rate": Param(d["adapt_learning_rate"], type="number", exclusiveMinimum=0, maximum=0.01,
+                                     title="Adaptation learning rate", section="Teacher",
+                                     description="peak learning rate of the head fitting (AdamW, warm-up then "
+                                     "linear decay)"),
+        "top_k": Param(d["top_k"], type="integer", minimum=1, maximum=VOCAB_SIZE, title="Top k", section="Teacher",
+                       description="teacher probabilities cached per masked position (about 3 bytes each)"),
+        "student_layers": Param(d["student_layers"], type="integer", minimum=1, maximum=24, title="Student layers",
+                                section="Student", description="encoder layers of the student, taken from evenly "
+                                "spaced teacher layers; time per step is about proportional"),
+        "train_steps": Param(d["train_steps"], type="integer", minimum=1, maximum=10_000_000, title="Train steps",
+                             section="Student", description="optimizer steps of the student (about 0.75 s per step "
+                             "of 32 x 64 tokens for 3 x 384 on 2 CPU cores); the control trains as many"),
+        "batch_size": Param(d["batch_size"], type="integer", minimum=1, maximum=4096, title="Batch size",
+                            section="Student", description="examples per micro-batch and rank; ranks x batch size "
+                            "= global batch"),
+        "ranks": Param(d["ranks"], type="integer", minimum=1, maximum=256, title="Horovod ranks", section="Student",
+                       description="training processes: GPUs of the MPIJob in Kubernetes, local processes in the "
+                       "embedded mode; the global batch stays the same at any count"),
+        "control": Param(d["control"], type=["boolean", "null"], title="No-teacher control", section="Student",
+                         description="also train the same student without the teacher (hard labels only, same "
+                         "init, data and steps; doubles training time): the report then gives the distillation "
+                         "gain with its 95% interval"),
+        "force": Param(d["force"], type=["boolean", "null"], title="Force", section="Run",
+                       description="redo every step even if done, and distil a dump that was already distilled"),
+    }
 
 
-@dag(
-    dag_id="bert_distillation",
-    schedule="@monthly",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    params=PARAMS,
-    tags=["bertdistill", "nlp", "distillation"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
-                  "max_retry_delay": timedelta(minutes=10)},
-)
-def bert_distillation():
-    @task.short_circuit
-    def check_dump(**context) -> dict | bool:
-        """Resolve the dump date; stop the run here if this dump was already distilled (unless force)."""
-        from bertdistill.orchestration.tasks import check_dump
+def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
+    """One pipeline definition; `bert_distillation` and `bert_distillation_monthly` differ in schedule and sizes."""
 
-        return check_dump(dict(context["params"]))
+    @dag(
+        dag_id=dag_id,
+        schedule=schedule,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        params=form(defaults),
+        tags=["bertdistill", "nlp", "distillation"],
+        doc_md=__doc__,
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+                      "max_retry_delay": timedelta(minutes=10)},
+        **kwargs,
+    )
+    def pipeline():
+        @task.short_circuit
+        def check_dump(**context) -> dict | bool:
+            """Resolve the dump date; stop the run here if this dump was already distilled (unless force)."""
+            from bertdistill.orchestration.tasks import check_dump
 
-    @task(multiple_outputs=True)
-    def prepare(plan: dict, **context) -> dict:
-        """Open the MLflow parent run; every step's arguments that do not depend on earlier outputs."""
-        from bertdistill.orchestration.tasks import prepare
+            return check_dump(dict(context["params"]))
 
-        return prepare(plan, run_id=context["run_id"])
+        @setup
+        @task(multiple_outputs=True)
+        def prepare(plan: dict, **context) -> dict:
+            """Open the MLflow parent run; every step's arguments that do not depend on earlier outputs."""
+            from bertdistill.orchestration.tasks import prepare
 
-    @task
-    def dump_files(plan: dict) -> list[list[str]]:
-        from bertdistill.orchestration.tasks import extract_arguments
+            return prepare(plan, run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                           run_type=str(context["dag_run"].run_type))
 
-        return extract_arguments(plan)
+        @task
+        def dump_files(plan: dict) -> list[list[str]]:
+            from bertdistill.orchestration.tasks import extract_arguments
 
-    @task
-    def example_shards(plan: dict) -> list[list[str]]:
-        from bertdistill.orchestration.tasks import make_examples_arguments
+            return extract_arguments(plan)
 
-        return make_examples_arguments(plan)
+        @task
+        def example_shards(plan: dict) -> list[list[str]]:
+            from bertdistill.orchestration.tasks import make_examples_arguments
 
-    @task
-    def labelled_shards(plan: dict, teacher: str) -> list[list[str]]:
-        from bertdistill.orchestration.plan import label_teacher_args
+            return make_examples_arguments(plan)
 
-        return label_teacher_args(plan, teacher)
+        @task
+        def labelled_shards(plan: dict, teacher: str) -> list[list[str]]:
+            from bertdistill.orchestration.plan import label_teacher_args
 
-    @task
-    def trainings(plan: dict, teacher: str) -> list[list[str]]:
-        """The student's distill and its no-teacher control's (unless the form turned it off)."""
-        from bertdistill.orchestration.plan import distill_args
+            return label_teacher_args(plan, teacher)
 
-        return distill_args(plan, teacher)
+        @task
+        def trainings(plan: dict, teacher: str) -> list[list[str]]:
+            """The student's distill and its no-teacher control's (unless the form turned it off)."""
+            from bertdistill.orchestration.plan import distill_args
 
-    @task.branch
-    def teacher_needs_head(plan: dict) -> str:
-        from bertdistill.orchestration.tasks import teacher_has_mlm_head
+            return distill_args(plan, teacher)
 
-        return "teacher_ready" if teacher_has_mlm_head(plan) else "adapt_teacher"
+        @task.branch
+        def teacher_needs_head(plan: dict) -> str:
+            from bertdistill.orchestration.tasks import teacher_has_mlm_head
 
-    @task(multiple_outputs=True, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def teacher_ready(plan: dict) -> dict:
-        from bertdistill.orchestration.tasks import training_arguments
+            return "teacher_ready" if teacher_has_mlm_head(plan) else "adapt_teacher"
 
-        return training_arguments(plan)
+        @task(multiple_outputs=True, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+        def teacher_ready(plan: dict) -> dict:
+            from bertdistill.orchestration.tasks import training_arguments
 
-    @task(trigger_rule=TriggerRule.ALL_SUCCESS)
-    def finish_tracking(**context) -> None:
-        from bertdistill.orchestration.tasks import end_tracking
+            return training_arguments(plan)
 
-        end_tracking(context["ti"].xcom_pull(task_ids="prepare", key="parent_run_id"), "FINISHED")
+        @teardown
+        def close_tracking(parent_run_id: str, **context) -> None:
+            """FINISHED when every task succeeded or was skipped, else FAILED; step runs left open are KILLED."""
+            from bertdistill.orchestration.tasks import close_tracking
 
-    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
-    def fail_tracking(**context) -> None:
-        from bertdistill.orchestration.tasks import end_tracking
+            states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
+            close_tracking(parent_run_id, states.get(context["run_id"], {}))
 
-        end_tracking(context["ti"].xcom_pull(task_ids="prepare", key="parent_run_id"), "FAILED")
+        plan = check_dump()
+        args = prepare(plan)
+        fetch_dump = steps.single("fetch_dump", args["fetch_dump"])
+        files = dump_files(plan)
+        extract = steps.mapped("extract", files)
+        build_corpus = steps.single("build_corpus", args["build_corpus"])
+        make_examples = steps.mapped("make_examples", example_shards(plan))
+        fetch_teacher = steps.single("fetch_teacher", args["fetch_teacher"])
+        needs_head = teacher_needs_head(plan)
+        adapt = steps.single("adapt_teacher", args["adapt_teacher"])
+        ready = teacher_ready(plan)
+        label = steps.mapped("label_teacher", labelled_shards(plan, ready["teacher"]))
+        distill = steps.distill("distill", trainings(plan, ready["teacher"]))
+        evaluate = steps.single("evaluate", ready["evaluate"])
+        publish = steps.single("publish", args["publish"])
 
-    plan = check_dump()
-    args = prepare(plan)
-    fetch_dump = steps.single("fetch_dump", args["fetch_dump"])
-    files = dump_files(plan)
-    extract = steps.mapped("extract", files)
-    build_corpus = steps.single("build_corpus", args["build_corpus"])
-    make_examples = steps.mapped("make_examples", example_shards(plan))
-    fetch_teacher = steps.single("fetch_teacher", args["fetch_teacher"])
-    needs_head = teacher_needs_head(plan)
-    adapt = steps.single("adapt_teacher", args["adapt_teacher"])
-    ready = teacher_ready(plan)
-    label = steps.mapped("label_teacher", labelled_shards(plan, ready["teacher"]))
-    distill = steps.distill("distill", trainings(plan, ready["teacher"]))
-    evaluate = steps.single("evaluate", ready["evaluate"])
-    publish = steps.single("publish", args["publish"])
-    done, failed = finish_tracking(), fail_tracking()
+        fetch_dump >> files >> extract >> build_corpus >> make_examples
+        fetch_teacher >> make_examples >> needs_head >> [adapt, ready]
+        adapt >> ready >> label >> distill >> evaluate >> publish >> close_tracking(args["parent_run_id"])
 
-    fetch_dump >> files >> extract >> build_corpus >> make_examples
-    fetch_teacher >> make_examples >> needs_head >> [adapt, ready]
-    adapt >> ready >> label >> distill >> evaluate >> publish >> [done, failed]
-    [fetch_dump, extract, build_corpus, make_examples, fetch_teacher, adapt, label, distill, evaluate] >> failed
+    return pipeline()
 
 
-bert_distillation()
+manual = distillation("bert_distillation", None, DEFAULTS)
+monthly = distillation("bert_distillation_monthly", "0 3 12 * *", DEFAULTS | SETTINGS.monthly_overrides(),
+                       is_paused_upon_creation=True)

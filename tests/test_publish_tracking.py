@@ -67,17 +67,80 @@ def test_a_step_logs_a_child_run_with_metrics_artifacts_and_inputs(store, report
     assert inputs["heldout"] == str(labelled.parent)
 
 
-def test_a_distill_run_logs_its_loss_curve_with_step_numbers(store, tmp_path, tiny_teacher, labels_dir):
+def test_a_distill_run_logs_its_loss_curve_while_it_trains(store, tmp_path, tiny_teacher, labels_dir):
+    """The run is opened as the step starts: real duration, each step's loss with its own time."""
     env, _ = store
     out = tmp_path / "student"
     from tests.conftest import distill_args
 
     run_cli(*distill_args(tiny_teacher, labels_dir, out), env=env, check=True)
     client, runs = _children(env, "distill")
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
-    losses = json.loads((out / "_MANIFEST.json").read_text())["summary"]["losses"]
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
-    assert [m.value for m in history] == pytest.approx(losses)
+    [run] = [r for r in runs if r.data.tags["bertdistill.output"] == str(out)]
+    assert run.info.run_name == "distill" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # once each: the summary's copy is not logged again
+    assert [m.value for m in history] == pytest.approx(manifest["summary"]["losses"])
+    times = [m.timestamp for m in history]
+    assert times == sorted(times) and run.info.start_time <= times[0] and times[-1] <= run.info.end_time
+    rates = client.get_metric_history(run.info.run_id, "learning_rate")
+    assert [m.step for m in rates] == [1, 2, 3, 4, 5, 6] and rates[1].value > rates[-1].value >= 0
+    # the run lasted as long as the step's own training at least
+    assert (run.info.end_time - run.info.start_time) / 1000 >= manifest["summary"]["seconds"]
+
+
+def test_a_stopped_step_closes_its_run_killed_and_the_pipeline_closes_what_is_left(store, tmp_path, tiny_teacher,
+                                                                                   labels_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bertdistill import tracking
+
+    env, _ = store
+    out = tmp_path / "stopped"
+    from tests.conftest import distill_args
+
+    args = distill_args(tiny_teacher, labels_dir, out)
+    args[args.index("--steps") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, "-m", "bertdistill.cli", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = _client(env)
+    deadline = time.monotonic() + 120
+    while not _training(client, env, out):  # the run is open and the first loss is in
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "distill logged no loss in 120 s"
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    [run] = [r for r in _children(env, "distill")[1] if r.data.tags["bertdistill.output"] == str(out)]
+    assert run.info.status == "KILLED" and "Stopped" in run.data.tags["bertdistill.error"]
+
+    # A step killed with no chance to close its run (SIGKILL, a lost node) is closed by the pipeline's end.
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv(tracking.STEP_RUN_ENV, raising=False)
+        mp.setenv("BERTDISTILL_MLFLOW_URI", env["MLFLOW_TRACKING_URI"])  # what the listener's process has
+        parent = tracking.start_pipeline("enwiki 20160101 manual", {"wiki": "enwiki"},
+                                         tags={"airflow.run_id": "manual__x", "airflow.dag_id": "bert_distillation"})
+        mp.setenv(tracking.PARENT_RUN_ENV, parent)
+        lost = tracking.open_step("label-teacher", "s3://b/labels/train/shard-00003.tfrecord")
+        assert client.get_run(lost).info.run_name == "label-teacher train/shard-00003"
+        from bertdistill.orchestration.listener import close_pipeline_runs
+
+        assert close_pipeline_runs("bert_distillation", "manual__x", "KILLED") == [parent]
+        assert close_pipeline_runs("bert_distillation", "manual__x", "KILLED") == []  # nothing left open
+    assert client.get_run(lost).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "KILLED"
+
+
+def _training(client, env, out) -> bool:
+    runs = [r for r in _children(env, "distill")[1] if r.data.tags["bertdistill.output"] == str(out)]
+    return bool(runs) and runs[0].info.status == "RUNNING" and bool(client.get_metric_history(runs[0].info.run_id,
+                                                                                              "loss"))
 
 
 def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student):

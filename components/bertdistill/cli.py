@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -204,24 +205,46 @@ def main(argv: list[str] | None = None) -> int:
     params = params_cls(**{k: v for k, v in vars(args).items() if k in fields})
     output = getattr(params, "output", None)
     try:
+        run_id = tracking.open_step(args.step, output)
+    except Exception as exc:  # the step runs anyway; its run is made at the end, as a retry would
+        print(f"warning: {args.step}: could not open its MLflow run: {exc}", file=sys.stderr)
+        run_id = None
+    signal.signal(signal.SIGTERM, _stop)
+    try:
         manifest = module.run(params)
     except StepError as exc:
         print(f"error: {args.step}: {exc}", file=sys.stderr)
-        try:
-            tracking.log_failure(args.step, str(exc), output)
-        except Exception as logging_exc:  # the step's own exit code says more than the tracking failure
-            print(f"warning: {args.step}: the failure could not be logged to MLflow: {logging_exc}", file=sys.stderr)
+        _close_quietly(args.step, run_id, "FAILED", str(exc))
         return exc.exit_code
+    except BaseException as exc:
+        _close_quietly(args.step, run_id, "KILLED" if isinstance(exc, Stopped | KeyboardInterrupt) else "FAILED",
+                       f"{type(exc).__name__}: {exc}")
+        raise
     if manifest is None:  # a Horovod rank other than 0: rank 0 logs
         return 0
     try:
-        tracking.log_step(args.step, manifest, output)
+        tracking.log_step(args.step, manifest, output, run_id)
     except Exception as exc:  # the work is committed; a rerun (a retry) skips it and logs again
+        _close_quietly(args.step, run_id, "FAILED", f"logging failed: {exc}")
         print(f"error: {args.step}: finished, but logging to MLflow failed: {tracking.registry_error(exc, 'logging')}",
               file=sys.stderr)
         return 1
     return 0
 
+
+class Stopped(SystemExit):
+    """SIGTERM: Airflow killing the task, Kubernetes deleting the pod."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(128 + signum)
+
+
+def _close_quietly(step: str, run_id: str | None, status: str, error: str) -> None:
+    try:
+        tracking.close_step(run_id, status, error)
+    except Exception as exc:  # the step's own exit code says more than the tracking failure
+        print(f"warning: {step}: its MLflow run could not be closed: {exc}", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,7 @@ from bertdistill.manifest import Manifest
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "BERTDISTILL_PARENT_RUN_ID"
+STEP_RUN_ENV = "BERTDISTILL_STEP_RUN_ID"  # the step's own run, opened when it starts
 ARTIFACTS_ENV = "BERTDISTILL_MLFLOW_ARTIFACTS"
 DEFAULT_EXPERIMENT = "bertdistill"
 SERIES = {"losses": "loss", "step_seconds": "step_seconds"}  # summary lists logged as metric curves
@@ -82,40 +83,135 @@ def start_pipeline(run_name: str, params: dict[str, Any], tags: dict[str, str] |
 
 
 def end_pipeline(run_id: str, status: str = "FINISHED", **tags: str) -> None:
+    """Close the pipeline's run and any step run under it still open (KILLED: its step never closed it)."""
     c = client()
+    for child in open_runs(c, f"tags.`mlflow.parentRunId` = '{run_id}'", c.get_run(run_id).info.experiment_id):
+        c.set_tag(child.info.run_id, "bertdistill.state", "killed")
+        c.set_terminated(child.info.run_id, "KILLED")
     for key, value in tags.items():
         c.set_tag(run_id, f"bertdistill.{key}", value)
     c.set_tag(run_id, "bertdistill.state", status.lower())
     c.set_terminated(run_id, status)
 
 
-def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
-    """One child run for one finished (or reused) step; returns its id, None when tracking is off."""
+def open_runs(c, filter_string: str, experiment: str | None = None) -> list:
+    """Runs still RUNNING that match an MLflow search filter."""
+    experiments = [experiment] if experiment else [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(experiments, f"{filter_string} and attributes.status = 'RUNNING'", max_results=1000)
+
+
+def step_run_name(step: str, output_uri: str | None) -> str:
+    """A child run's name a person reads: the step, and which shard or which training it is."""
+    parts = (output_uri or "").rstrip("/").split("/")
+    if parts[-1].startswith("shard-"):
+        return f"{step} {parts[-2]}/{parts[-1].split('.')[0]}"
+    if "control" in parts:
+        return f"{step} (no-teacher control)"
+    return step
+
+
+def open_step(step: str, output_uri: str | None) -> str | None:
+    """The step's child run, opened RUNNING as the step starts (so MLflow shows its real duration
+    and a killed step's run is found open and closed KILLED); None when tracking is off or on a
+    Horovod rank other than 0. Its id goes into the environment for the step's own logging."""
+    if not enabled() or _launcher_rank() != 0:
+        return None
+    c = client()
+    parent = parent_run_id()
+    tags = {"bertdistill.step": step, "bertdistill.output": output_uri or "", "bertdistill.state": "running"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    exp = c.get_run(parent).info.experiment_id if parent else experiment_id()
+    run_id = c.create_run(exp, run_name=step_run_name(step, output_uri), tags=tags).info.run_id
+    os.environ[STEP_RUN_ENV] = run_id
+    return run_id
+
+
+def step_run_id() -> str | None:
+    return os.environ.get(STEP_RUN_ENV) or None
+
+
+_live: set[str] = set()  # metric names the step logged while it ran
+_live_buffer: list = []  # metrics not sent yet
+_live_state = {"sent": 0.0, "failures": 0}
+LIVE_FLUSH_SECONDS = 10.0
+
+
+def log_live(metrics: dict[str, float], step: int) -> None:
+    """Metrics while a step runs (distill's loss, learning rate, gradient norm), each with its real
+    time, sent every LIVE_FLUSH_SECONDS (one request, whatever the step rate).
+
+    Tracking never stops training: a failure to send is a warning, once.
+    """
+    if not step_run_id():
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _live_buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+    _live.update(metrics)
+    if time.monotonic() - _live_state["sent"] >= LIVE_FLUSH_SECONDS:
+        flush_live()
+
+
+def flush_live() -> None:
+    run_id = step_run_id()
+    batch, _live_buffer[:] = list(_live_buffer), []
+    _live_state["sent"] = time.monotonic()
+    if not (run_id and batch):
+        return
+    try:
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+            client().log_batch(run_id, metrics=batch[i: i + 1000])
+    except Exception as exc:
+        if not _live_state["failures"]:
+            log.warning("could not log metrics to MLflow run %s (%s); training goes on", run_id, exc)
+        _live_state["failures"] += 1
+
+
+def close_step(run_id: str | None, status: str, error: str = "") -> None:
+    """A step that failed (FAILED) or was stopped (KILLED) closes its own run with what it printed."""
+    if not run_id:
+        return
+    flush_live()
+    c = client()
+    if error:
+        c.set_tag(run_id, "bertdistill.error", error[:5000])
+    c.set_tag(run_id, "bertdistill.state", status.lower())
+    c.set_terminated(run_id, status)
+
+
+def _launcher_rank() -> int:
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None = None) -> str | None:
+    """A finished (or reused) step's parameters, summary, inputs and small files, into its run
+    (the one opened at its start, else a new one); returns its id, None when tracking is off."""
     if not enabled():
         return None
     from mlflow.entities import Dataset as DatasetEntity
     from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+    flush_live()
     c = client()
     parent = parent_run_id()
-    tags = {"bertdistill.step": step, "bertdistill.output": output_uri}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-        exp = c.get_run(parent).info.experiment_id
-    else:
-        exp = experiment_id()
-    run_id = (manifest.summary or {}).get("mlflow_run_id")  # a step that opened its own run (publish)
-    if run_id:
-        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.parentRunId"])
-    else:
-        name = f"{step} {'/'.join(output_uri.rstrip('/').split('/')[-2:])}"
-        run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
+    run_id = run_id or (manifest.summary or {}).get("mlflow_run_id")  # publish logs its model into one
+    if not run_id:
+        tags = {"bertdistill.step": step, "bertdistill.output": output_uri}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        exp = c.get_run(parent).info.experiment_id if parent else experiment_id()
+        run_id = c.create_run(exp, run_name=step_run_name(step, output_uri), tags=tags).info.run_id
     try:
         params = [Param(k, _param_value(v)) for k, v in sorted(manifest.params.items())]
         params.append(Param("output", output_uri[:6000]))
         summary = dict(manifest.summary or {})
         headline, headline_tags = summary.pop("parent_metrics", {}), summary.pop("parent_tags", {})
-        metrics = list(_metrics(summary))
+        metrics = [m for m in _metrics(summary) if m.key not in _live]
         if manifest.seconds is not None:
             metrics.append(Metric("step_wall_seconds", float(manifest.seconds), 0, 0))
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params and 1000 metrics
@@ -144,6 +240,7 @@ def log_step(step: str, manifest: Manifest, output_uri: str) -> str | None:
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise
+    c.set_tag(run_id, "bertdistill.state", "finished")
     c.set_terminated(run_id, "FINISHED")
     log.info("%s: logged to MLflow run %s (%s)", step, run_id, os.environ.get("MLFLOW_TRACKING_URI"))
     return run_id
@@ -155,39 +252,29 @@ def parent_run_id() -> str | None:
     return None if value in ("", "None") else value
 
 
-def log_failure(step: str, error: str, output_uri: str | None) -> None:
-    """A failed step still shows up under its pipeline run, with the error it printed."""
-    if not (enabled() and parent_run_id()):
-        return
-    c = client()
-    parent = parent_run_id()
-    run = c.create_run(c.get_run(parent).info.experiment_id, run_name=f"{step} (failed)",
-                       tags={"mlflow.parentRunId": parent, "bertdistill.step": step,
-                             "bertdistill.error": error[:5000], "bertdistill.output": output_uri or ""})
-    c.set_terminated(run.info.run_id, "FAILED")
-
-
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text[:6000]
 
 
 def _metrics(summary: dict[str, Any], prefix: str = ""):
-    """Numbers as metrics at step 0, the known series as curves, nested dicts with dotted keys."""
+    """Numbers as metrics at step 0, the known series as curves, nested dicts with dotted keys;
+    stamped with the time they are logged (the step's end)."""
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
     for key, value in summary.items():
         name = f"{prefix}{key}"
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            yield Metric(name, float(value), 0, 0)
+            yield Metric(name, float(value), now, 0)
         elif isinstance(value, dict):
             yield from _metrics(value, f"{name}.")
         elif key in SERIES and isinstance(value, list):
             first = int(summary.get("resumed_from") or 0)
             for i, v in enumerate(value):
-                yield Metric(SERIES[key], float(v), 0, i + 1 if key == "losses" else first + i + 1)
+                yield Metric(SERIES[key], float(v), now, i + 1 if key == "losses" else first + i + 1)
 
 
 def _inputs(manifest: Manifest):

@@ -14,15 +14,26 @@ PARSE = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(sys.argv[1])
-dag = bag.get_dag("bert_distillation")
+dag = bag.dags.get("bert_distillation")
+monthly = bag.dags.get("bert_distillation_monthly")
 print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dag_ids": sorted(bag.dags),
     "tensorflow_imported": "tensorflow" in sys.modules,
     "tags": sorted(dag.tags) if dag else [],
     "schedule": str(dag.schedule) if dag else None,
+    "monthly_schedule": str(monthly.schedule) if monthly else None,
+    "monthly_paused": monthly.is_paused_upon_creation if monthly else None,
     "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
     "kinds": {t.task_id: getattr(t, "operator_class", type(t)).__name__ for t in dag.tasks} if dag else {},
-}))
+    "setup": sorted(t.task_id for t in dag.tasks if t.is_setup) if dag else [],
+    "teardown": {t.task_id: sorted(s.task_id for s in t.upstream_list if s.is_setup)
+                 for t in dag.tasks if t.is_teardown} if dag else {},
+    "form": {k: dag.params.get_param(k).schema | {"default": dag.params.get_param(k).value,
+                                                   "description": dag.params.get_param(k).description}
+             for k in dag.params} if dag else {},
+    "monthly_form": {k: monthly.params[k] for k in monthly.params} if monthly else {},
+}, default=str))
 """
 
 VALIDATE = """
@@ -55,7 +66,12 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
     assert out["errors"] == {}
     assert out["tensorflow_imported"] is False
     assert out["tags"] == ["bertdistill", "distillation", "nlp"]
-    assert out["schedule"] == "@monthly"
+    # The form's DAG never starts a run by itself; the monthly one starts paused.
+    assert out["dag_ids"] == ["bert_distillation", "bert_distillation_monthly"]
+    assert out["schedule"] == "None"
+    assert out["monthly_schedule"] == "0 3 12 * *" and out["monthly_paused"] is True
+    # MLflow tracking opens in a setup task and closes in its teardown, whatever fails between.
+    assert out["setup"] == ["prepare"] and out["teardown"] == {"close_tracking": ["prepare"]}
     steps = ["fetch_dump", "extract", "build_corpus", "make_examples", "fetch_teacher", "adapt_teacher",
              "label_teacher", "distill", "evaluate", "publish"]
     assert all(out["retries"][s] >= 2 for s in steps)
@@ -82,3 +98,29 @@ def test_the_form_refuses_bad_params(airflow_env):
     for name, result in out.items():
         assert result.startswith("ParamValidationError"), (name, result)
     assert "train_steps" in out["negative_steps"] and "klingonwiki" in out["unknown_wiki"]
+
+
+def test_every_form_field_says_what_it_is_and_the_switches_are_not_required(airflow_env):
+    out = _python(airflow_env, PARSE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"])
+    form = out["form"]
+    assert len(form) == 18
+    for name, schema in form.items():
+        assert len(schema["description"] or "") >= 20, name
+        assert schema.get("title"), name
+    # The UI marks a field required when its type excludes null; a switch with a default is not.
+    assert "null" in form["force"]["type"] and "null" in form["control"]["type"]
+    assert form["force"]["default"] is False and form["control"]["default"] is True
+
+
+def test_the_monthly_sizes_come_from_the_deployment_not_the_form(airflow_env):
+    env = {**airflow_env, "BERTDISTILL_MONTHLY_PARAMS": json.dumps({"train_shards": 64, "train_steps": 50000})}
+    out = _python(env, PARSE, env["AIRFLOW__CORE__DAGS_FOLDER"])
+    assert out["errors"] == {}
+    assert out["monthly_form"]["train_shards"] == 64 and out["monthly_form"]["train_steps"] == 50000
+    assert out["monthly_form"]["dupe_factor"] == out["form"]["dupe_factor"]["default"] == 10
+    assert out["form"]["train_shards"]["default"] == 8  # the form's DAG keeps its own defaults
+
+    env["BERTDISTILL_MONTHLY_PARAMS"] = json.dumps({"train_shard": 64})
+    out = _python(env, PARSE, env["AIRFLOW__CORE__DAGS_FOLDER"])
+    [error] = out["errors"].values()
+    assert "BERTDISTILL_MONTHLY_PARAMS" in error and "train_shard" in error and "train_shards" in error

@@ -62,6 +62,7 @@ def environment(home: Path, data: Path, airflow_port: int, mlflow_port: int, ext
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "BERTDISTILL_STORE": str(data), "BERTDISTILL_MLFLOW_URI": f"http://{HOST}:{mlflow_port}",
+        "BERTDISTILL_AIRFLOW_URL": base,
         **(extra or {}),
     }
 

@@ -9,6 +9,7 @@ processes, ./data as the store, a sqlite MLflow store in it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ class Settings:
     mlflow_uri: str = ""                # default: sqlite beside a local store
     mlflow_artifacts: str = ""          # default: beside the sqlite file / the server's choice
     s3_endpoint_url: str = ""
+    airflow_url: str = ""               # the Airflow UI's base URL, for links from MLflow runs
+    monthly_params: str = ""            # JSON object: the monthly DAG's sizes over the form's defaults
     # kubernetes mode
     namespace: str = "bertdistill"
     service_account: str = "bertdistill-steps"
@@ -47,6 +50,23 @@ class Settings:
         if settings.mode not in MODES:
             raise ValueError(f"BERTDISTILL_MODE={settings.mode!r}: use one of {', '.join(MODES)}")
         return settings
+
+    def monthly_overrides(self) -> dict:
+        """BERTDISTILL_MONTHLY_PARAMS as a dict, checked against the form's fields."""
+        from bertdistill.orchestration.plan import DEFAULTS
+
+        if not self.monthly_params.strip():
+            return {}
+        try:
+            values = json.loads(self.monthly_params)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"BERTDISTILL_MONTHLY_PARAMS is not JSON ({exc}): give an object such as "
+                             '{"train_shards": 64, "train_steps": 100000}') from None
+        if not isinstance(values, dict) or set(values) - set(DEFAULTS):
+            unknown = sorted(set(values) - set(DEFAULTS)) if isinstance(values, dict) else values
+            raise ValueError(f"BERTDISTILL_MONTHLY_PARAMS: {unknown!r} are not form fields; use among "
+                             f"{', '.join(DEFAULTS)}")
+        return values
 
     @property
     def local_store(self) -> bool:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from bertdistill.manifest import Manifest, read_manifest
 from bertdistill.orchestration import plan as planning
@@ -49,14 +51,24 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict
     return plan
 
 
-def prepare(plan: dict, run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+def run_name(plan: dict, run_type: str, started: datetime) -> str:
+    """What the MLflow runs table shows: the wiki, its dump date and how and when this run started."""
+    how = "monthly" if run_type == "scheduled" else run_type
+    return f"{plan['params']['wiki']} {plan['date']} {how} {started:%Y-%m-%d %H:%M}"
+
+
+def prepare(plan: dict, run_id: str, dag_id: str = "bert_distillation", run_type: str = "manual",
+            settings: Settings | None = None) -> dict[str, Any]:
     from bertdistill import tracking
 
     settings = settings or Settings.load()
     _tracking_env(settings)
-    parent = tracking.start_pipeline(plan["run_name"], plan["params"] | {"date": plan["date"]},
-                                     tags={"airflow.run_id": run_id, "bertdistill.run": plan["run"],
-                                           "bertdistill.student": plan["student"]})
+    tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.run_type": run_type,
+            "bertdistill.run": plan["run"], "bertdistill.student": plan["student"]}
+    if settings.airflow_url:
+        tags["airflow.url"] = f"{settings.airflow_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+    parent = tracking.start_pipeline(run_name(plan, run_type, datetime.now(UTC)),
+                                     plan["params"] | {"date": plan["date"]}, tags=tags)
     return {
         "parent_run_id": parent,
         "ranks": plan["params"]["ranks"],
@@ -95,10 +107,19 @@ def training_arguments(plan: dict) -> dict[str, Any]:
     return {"teacher": teacher, "evaluate": planning.evaluate_args(plan, teacher)}
 
 
-def end_tracking(parent_run_id: str | None, status: str, settings: Settings | None = None) -> None:
+def close_tracking(parent_run_id: str | None, states: dict[str, str | None],
+                   settings: Settings | None = None) -> str | None:
+    """Close the pipeline's MLflow run from its tasks' states: FAILED if any failed, else FINISHED.
+
+    Step runs still open (a step killed before it could close its own) are closed KILLED.
+    Returns the status set, None when there was no run to close.
+    """
     from bertdistill import tracking
 
     if not parent_run_id:
-        return
+        return None
     _tracking_env(settings or Settings.load())
-    tracking.end_pipeline(parent_run_id, status)
+    failed = sorted(task for task, state in states.items() if state in ("failed", "upstream_failed"))
+    status = "FAILED" if failed else "FINISHED"
+    tracking.end_pipeline(parent_run_id, status, **({"failed_tasks": ", ".join(failed)} if failed else {}))
+    return status

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertdistill import tracking
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
@@ -235,7 +236,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
             raise StepError(f"distill: the loss became {total} at step {step}; stopped. The last good checkpoint "
                             f"(step {last_checkpoint}) is kept in {output.child_uri(CHECKPOINTS)}; lower "
                             "--learning-rate or check the labels")
-        apply(accumulated)
+        rate, grad_norm = apply(accumulated)
         history.append(total)
         step_seconds.append(round(time.perf_counter() - began, 4))
         if world.master and (step % params.checkpoint_every == 0 or step == params.steps):
@@ -243,6 +244,8 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
             last_checkpoint = step
         if step % 25 == 0 or step == params.steps:
             log.info("distill: step %d/%d loss %.4f", step, params.steps, total)
+        if world.master:
+            tracking.log_live({"loss": total, "learning_rate": float(rate), "gradient_norm": float(grad_norm)}, step)
         progress.update(step, " steps")
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in variables)).hexdigest()
     summary = {"steps": params.steps, "resumed_from": start, "losses": [round(x, 6) for x in history],

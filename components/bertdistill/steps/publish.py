@@ -148,9 +148,11 @@ def register(module, config, report: dict, params: PublishParams) -> dict:
     if parent:
         tags["mlflow.parentRunId"] = parent
     try:
-        experiment = client.get_run(parent).info.experiment_id if parent else tracking.experiment_id()
-        run = client.create_run(experiment, run_name="publish", tags=tags)
-        with mlflow.start_run(run_id=run.info.run_id):
+        run_id = tracking.step_run_id()  # the run the step opened as it started, else one of its own
+        if run_id is None:
+            experiment = client.get_run(parent).info.experiment_id if parent else tracking.experiment_id()
+            run_id = client.create_run(experiment, run_name="publish", tags=tags).info.run_id
+        with mlflow.start_run(run_id=run_id):
             mlflow.log_metric(ACCURACY_TAG, accuracy)
             mlflow.log_dict(report, "report.json")
             info = mlflow.tensorflow.log_model(
@@ -170,7 +172,7 @@ def register(module, config, report: dict, params: PublishParams) -> dict:
             client.set_registered_model_alias(params.model_name, CHAMPION, version)
     except MlflowException as exc:
         raise tracking.registry_error(exc, f"registering {params.model_name}") from exc
-    return {"model_name": params.model_name, "model_version": int(version), "mlflow_run_id": run.info.run_id,
+    return {"model_name": params.model_name, "model_version": int(version), "mlflow_run_id": run_id,
             ACCURACY_TAG: accuracy, "champion": champion,
             "previous_champion_version": int(current.version) if current else None,
             "previous_champion_accuracy": None if current is None else best}
