@@ -132,8 +132,9 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
             """Open the MLflow parent run; every step's arguments that do not depend on earlier outputs."""
             from bertdistill.orchestration.tasks import prepare
 
+            run_type = context["dag_run"].run_type
             return prepare(plan, run_id=context["run_id"], dag_id=context["dag"].dag_id,
-                           run_type=str(context["dag_run"].run_type))
+                           run_type=getattr(run_type, "value", run_type))
 
         @task
         def dump_files(plan: dict) -> list[list[str]]:

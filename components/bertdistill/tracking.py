@@ -15,6 +15,7 @@ Only the MLflow client is imported here, never TensorFlow: the Airflow DAG uses 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ PARENT_RUN_ENV = "BERTDISTILL_PARENT_RUN_ID"
 STEP_RUN_ENV = "BERTDISTILL_STEP_RUN_ID"  # the step's own run, opened when it starts
 ARTIFACTS_ENV = "BERTDISTILL_MLFLOW_ARTIFACTS"
 DEFAULT_EXPERIMENT = "bertdistill"
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 SERIES = {"losses": "loss", "step_seconds": "step_seconds"}  # summary lists logged as metric curves
 SMALL_ARTIFACT_BYTES = 5 << 20
 ARTIFACT_SUFFIXES = (".json", ".png")
@@ -49,16 +51,18 @@ def client():
 
 
 def experiment_id(name: str | None = None) -> str:
-    """The experiment's id, created on first use (MLFLOW_EXPERIMENT_NAME, else 'bertdistill')."""
+    """The experiment's id, created on first use (MLFLOW_EXPERIMENT_NAME, else 'bertdistill'),
+    marked as model training so MLflow 3's UI opens it on its runs table, not its GenAI views."""
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     c = client()
     found = c.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=artifact_location())
-    except Exception:  # another task created it between the two calls
-        return c.get_experiment_by_name(name).experiment_id
+    if found is None:
+        with contextlib.suppress(Exception):  # another task may create it between the two calls
+            c.create_experiment(name, artifact_location=artifact_location(), tags={EXPERIMENT_KIND: TRAINING})
+        found = c.get_experiment_by_name(name)
+    if found.tags.get(EXPERIMENT_KIND) != TRAINING:
+        c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, TRAINING)
+    return found.experiment_id
 
 
 def artifact_location() -> str | None:
@@ -85,7 +89,9 @@ def start_pipeline(run_name: str, params: dict[str, Any], tags: dict[str, str] |
 def end_pipeline(run_id: str, status: str = "FINISHED", **tags: str) -> None:
     """Close the pipeline's run and any step run under it still open (KILLED: its step never closed it)."""
     c = client()
-    for child in open_runs(c, f"tags.`mlflow.parentRunId` = '{run_id}'", c.get_run(run_id).info.experiment_id):
+    run = c.get_run(run_id)
+    c.log_metric(run_id, "pipeline_wall_seconds", time.time() - run.info.start_time / 1000)
+    for child in open_runs(c, f"tags.`mlflow.parentRunId` = '{run_id}'", run.info.experiment_id):
         c.set_tag(child.info.run_id, "bertdistill.state", "killed")
         c.set_terminated(child.info.run_id, "KILLED")
     for key, value in tags.items():

@@ -66,17 +66,31 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     assert "publish" in tasks_run(proc.stdout + proc.stderr)
     client, all_runs = runs(root / "mlflow.db")
     [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "enwiki-20160101"
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("enwiki 20160101 manual ")
+    assert not [r.info.run_name for r in all_runs if r.info.status == "RUNNING"]
     # The no-teacher control ran beside the student, and what the teacher added shows on the parent run.
     gain = parent.data.metrics
     assert gain["distillation_gain_ci95_low"] <= gain["distillation_gain"] <= gain["distillation_gain_ci95_high"]
     assert gain["distillation_gain"] == pytest.approx(gain["student_mlm_accuracy"] - gain["control_mlm_accuracy"])
     assert "no-teacher control" in parent.data.tags["bertdistill.verdict"]
+    # The runs table compares months without expanding: headline figures and the model on the parent.
+    for key in ("student_mlm_accuracy", "teacher_mlm_accuracy", "baseline_mlm_accuracy", "speedup_encoder",
+                "student_parameters", "teacher_parameters", "pipeline_wall_seconds"):
+        assert key in gain, key
+    assert 0 < gain["student_parameters"] <= gain["teacher_parameters"]  # the tiny teacher has 1 layer too
+    assert gain["pipeline_wall_seconds"] * 1000 <= parent.info.end_time - parent.info.start_time + 1000
+    assert parent.data.tags["bertdistill.model_version"] == "models:/bertdistill-student/1"
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development")
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     steps = sorted({r.data.tags["bertdistill.step"] for r in children})
     assert steps == sorted(STEPS)
     assert sum(r.data.tags["bertdistill.step"] == "label-teacher" for r in children) == 3  # 2 train + 1 held-out
     assert sum(r.data.tags["bertdistill.step"] == "distill" for r in children) == 2  # the student and its control
+    names = sorted(r.info.run_name for r in children)
+    assert "distill (no-teacher control)" in names and "label-teacher heldout/shard-00000" in names, names
+    assert all(r.info.end_time - r.info.start_time > 1000 for r in children
+               if r.data.tags["bertdistill.step"] in ("distill", "evaluate"))  # opened at the start
     [extract] = [r for r in children if r.data.tags["bertdistill.step"] == "extract"]
     [dump] = [json.loads(d.dataset.source)["uri"] for d in extract.inputs.dataset_inputs]
     assert dump.startswith(str(root / "store" / "dumps" / "enwiki" / "20160101"))
@@ -84,6 +98,26 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     assert int(champion.version) == 1
     published = list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
     assert len(published) == 1
+
+
+def test_a_failed_run_closes_its_mlflow_runs(airflow_env, sample, hf_teacher, tmp_path):
+    """A step that fails (here fetch-teacher, given a teacher that does not exist) fails the run; the
+    teardown still closes the pipeline's MLflow run FAILED, naming the failed task, and no run stays open."""
+    env = run_env(airflow_env, sample, hf_teacher, str(tmp_path / "store"), tmp_path / "mlflow.db")
+    proc = dags_test(env, {**TINY, "teacher": str(tmp_path / "no-such-teacher")})
+    out = proc.stdout + proc.stderr
+    assert "close_tracking" in tasks_run(out), out[-4000:]
+    client, all_runs = runs(tmp_path / "mlflow.db")
+    [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED", parent.data.tags
+    assert "fetch_teacher" in parent.data.tags["bertdistill.failed_tasks"]
+    assert parent.info.run_name.startswith("enwiki 20160101 manual ")
+    assert parent.data.tags["airflow.dag_id"] == "bert_distillation"
+    assert not [r.info.run_name for r in all_runs if r.info.status == "RUNNING"]
+    [failed] = [r for r in all_runs if r.data.tags.get("bertdistill.step") == "fetch-teacher"]
+    assert failed.info.status == "FAILED" and "no-such-teacher" in failed.data.tags["bertdistill.error"]
+    finished = {r.data.tags["bertdistill.step"] for r in all_runs if r.info.status == "FINISHED"}
+    assert {"fetch-dump", "extract", "build-corpus"} <= finished  # the branch that did not need the teacher
 
 
 def transformers_model(folder):

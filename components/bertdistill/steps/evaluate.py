@@ -243,7 +243,9 @@ def headline(report: dict) -> dict[str, float]:
     out = {"student_mlm_accuracy": report["student"]["mlm_accuracy"],
            "teacher_mlm_accuracy": report["teacher"]["mlm_accuracy"],
            "student_over_teacher": report["student_over_teacher"], "speedup_encoder": report["speedup_encoder"],
-           "student_mlm_calibration_error": report["student"]["mlm_calibration_error"]}
+           "student_mlm_calibration_error": report["student"]["mlm_calibration_error"],
+           "baseline_mlm_accuracy": report["baseline"]["mlm_accuracy"],
+           "student_parameters": report["student"]["parameters"], "teacher_parameters": report["teacher"]["parameters"]}
     if "distillation_gain" in report:
         out |= {"control_mlm_accuracy": report["control"]["mlm_accuracy"],
                 "distillation_gain": report["distillation_gain"]["mlm_accuracy"],

@@ -59,6 +59,9 @@ def run(params: PublishParams) -> Manifest:
             for path in sorted(p for p in saved.rglob("*") if p.is_file()):
                 writer.write_bytes(path.relative_to(saved).as_posix(), path.read_bytes())
             summary = register(module, config, report, params)
+        # the pipeline's run links the version it registered
+        summary["parent_tags"] = {"model_version": f"models:/{params.model_name}/{summary['model_version']}",
+                                  "champion": str(summary["champion"]).lower()}
         verdict = "is the new champion" if summary["champion"] else "did not beat the champion"
         print(f"publish: {params.model_name} version {summary['model_version']} (held-out masked-LM accuracy "
               f"{summary[ACCURACY_TAG]:.1%}) {verdict}; SavedModel in {output.uri}")
