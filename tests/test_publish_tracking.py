@@ -143,11 +143,16 @@ def _training(client, env, out) -> bool:
                                                                                               "loss"))
 
 
-def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student):
+@pytest.fixture(scope="module")
+def first_publish(store, report, tiny_student):
     env, _ = store
-    proc = run_cli("publish", "--student", str(tiny_student), "--report", str(report), "--model-name", MODEL,
+    return run_cli("publish", "--student", str(tiny_student), "--report", str(report), "--model-name", MODEL,
                    env=env, check=True)
-    assert "is the new champion" in proc.stdout
+
+
+def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student, first_publish):
+    env, _ = store
+    assert "is the new champion" in first_publish.stdout
     client = _client(env)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert int(champion.version) == 1
@@ -157,7 +162,8 @@ def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, 
     import tensorflow as tf
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    loaded = mlflow.tensorflow.load_model(f"models:/{MODEL}@champion")
+    assert "held-out masked-LM top-1" in champion.description
+    loaded = mlflow.tensorflow.load_model(f"runs:/{champion.run_id}/model")  # the SavedModel beside it
     serve = loaded.signatures["serving_default"]
     ids = tf.constant([[101, 1996, 103, 2003, 102]], tf.int32)
     out = serve(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=tf.zeros_like(ids))
@@ -169,7 +175,74 @@ def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, 
     np.testing.assert_allclose(again["mlm_logits"].numpy(), out["mlm_logits"].numpy(), atol=1e-5)
 
 
-def test_champion_moves_only_when_the_new_version_is_better(store, report, tiny_student):
+def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publish):
+    """`mlflow models serve` of models:/NAME@champion, on 127.0.0.1, answers a fill-mask request with the
+    same words and probabilities as the SavedModel computes for the same pieces."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from bertdistill.tokenization import Vocab, wordpiece_tokenizer
+    from tests.conftest import free_port
+
+    env, _ = store
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **env, "PATH": f"{Path(mlflow_bin).parent}:{os.environ['PATH']}"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "the model server did not answer /ping in 180 s"
+                time.sleep(2)
+        text = "paris is the capital of [MASK] and its largest [MASK]."
+        body = json.dumps({"inputs": {"text": [text]}, "params": {"top_k": 3}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            [answer] = json.loads(r.read())["predictions"]
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type":
+                                     "application/json"}, data=json.dumps({"inputs": {"text": ["no mask"]}}).encode())
+        try:
+            urllib.request.urlopen(bad, timeout=60)
+            raise AssertionError("a text without [MASK] was answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (400, 500) and "put [MASK] where" in exc.read().decode()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+    assert answer["text"] == text and len(answer["masks"]) == 2 and all(len(m) == 3 for m in answer["masks"])
+    # The same pieces through the SavedModel in the store give the same words and probabilities.
+    vocab = Vocab(tiny_student / "export" / "vocab.txt")
+    pieces = wordpiece_tokenizer(vocab)
+    ids = [vocab.cls_id, *pieces.encode("paris is the capital of", add_special_tokens=False).ids, vocab.mask_id,
+           *pieces.encode(" and its largest", add_special_tokens=False).ids, vocab.mask_id,
+           *pieces.encode(".", add_special_tokens=False).ids, vocab.sep_id]
+    batch = tf.constant([ids], tf.int32)
+    saved = tf.saved_model.load(str(tiny_student / "savedmodel")).signatures["serving_default"]
+    probs = tf.nn.softmax(saved(input_ids=batch, input_mask=tf.ones_like(batch),
+                                segment_ids=tf.zeros_like(batch))["mlm_logits"][0]).numpy()
+    for mask, position in zip(answer["masks"], [i for i, t in enumerate(ids) if t == vocab.mask_id], strict=True):
+        best = np.argsort(-probs[position])[:3]
+        assert [w["token"] for w in mask] == [vocab.tokens[j] for j in best]
+        assert [w["probability"] for w in mask] == pytest.approx(probs[position][best].tolist(), abs=1e-5)
+
+
+def test_champion_moves_only_when_the_new_version_is_better(store, report, tiny_student, first_publish):
     env, _ = store
     client = _client(env)
     # A tie keeps the incumbent.

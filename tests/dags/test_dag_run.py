@@ -107,7 +107,7 @@ def test_a_failed_run_closes_its_mlflow_runs(airflow_env, sample, hf_teacher, tm
     proc = dags_test(env, {**TINY, "teacher": str(tmp_path / "no-such-teacher")})
     out = proc.stdout + proc.stderr
     assert "close_tracking" in tasks_run(out), out[-4000:]
-    client, all_runs = runs(tmp_path / "mlflow.db")
+    _client, all_runs = runs(tmp_path / "mlflow.db")
     [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED", parent.data.tags
     assert "fetch_teacher" in parent.data.tags["bertdistill.failed_tasks"]

@@ -5,7 +5,9 @@ SavedModel with one signature, `serving_default`: input_ids, input_mask, segment
 (int32 [batch, seq]) -> mlm_logits [batch, seq, vocab], nsp_logits [batch, 2], pooled_output
 [batch, hidden]. It is reloaded and checked against the model it came from before anything
 is written. The SavedModel lands in <student>/savedmodel/, and in MLflow as the `model` of
-this step's run, registered under --model-name. The registry's alias `champion` moves to the
+this step's run. Beside it the run holds `fill_mask` (serving.py: text with [MASK] in, top
+words out), which is what gets registered under --model-name, so the champion can be served
+over HTTP by `mlflow models serve` as it is. The registry's alias `champion` moves to the
 new version only when its held-out masked-LM accuracy (from evaluate's report, which must be
 about this student) beats the current champion's; a tie keeps the incumbent.
 """
@@ -53,12 +55,12 @@ def run(params: PublishParams) -> Manifest:
         with staged_teacher(export_uri) as local, tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             from bertdistill.bert.checkpoints import load_teacher
 
-            config, weights, _ = load_teacher(local, export_uri)
+            config, weights, vocab = load_teacher(local, export_uri)
             saved = Path(tmp) / SAVEDMODEL
             module = export_savedmodel(config, weights, saved)
             for path in sorted(p for p in saved.rglob("*") if p.is_file()):
                 writer.write_bytes(path.relative_to(saved).as_posix(), path.read_bytes())
-            summary = register(module, config, report, params)
+            summary = register(module, config, report, params, saved, vocab.path)
         # the pipeline's run links the version it registered
         summary["parent_tags"] = {"model_version": f"models:/{params.model_name}/{summary['model_version']}",
                                   "champion": str(summary["champion"]).lower()}
@@ -69,6 +71,26 @@ def run(params: PublishParams) -> Manifest:
 
     return run_step("publish", fingerprint, {"student": open_folder(params.student).child_uri("export"),
                                              "report": params.report}, output, work, force=params.force)
+
+
+def describe(report: dict, client, parent: str | None) -> str:
+    """A registry version's description: where it came from and how good it is, in one paragraph."""
+    s, t = report["student"], report["teacher"]
+    text = (f"{s['layers']}-layer student ({s['parameters'] / 1e6:.1f} M parameters): held-out masked-LM top-1 "
+            f"{s['mlm_accuracy']:.1%}, teacher {t['mlm_accuracy']:.1%}")
+    if "control" in report:
+        gain = report["distillation_gain"]
+        text += (f", no-teacher control {report['control']['mlm_accuracy']:.1%} (gain {gain['mlm_accuracy'] * 100:+.2f}"
+                 f" points, 95% interval {gain['ci95_low'] * 100:+.2f} to {gain['ci95_high'] * 100:+.2f})")
+    text += f"; encoder {report['speedup_encoder']:.2f}x faster than the teacher."
+    if parent:
+        run = client.get_run(parent)
+        p, tags = run.data.params, run.data.tags
+        text += (f" Dump {p.get('wiki')} {p.get('date')}; Airflow run {tags.get('airflow.run_id', '?')} "
+                 f"(MLflow run {run.info.run_name}); {p.get('train_steps')} steps x {p.get('batch_size')} "
+                 f"on {p.get('ranks')} rank(s), top-{p.get('top_k')} labels, {p.get('max_seq_length')} tokens, "
+                 f"dupe {p.get('dupe_factor')}.")
+    return text
 
 
 def _report_about(params: PublishParams) -> dict:
@@ -127,8 +149,9 @@ def export_savedmodel(config, weights, path: Path):
     return module
 
 
-def register(module, config, report: dict, params: PublishParams) -> dict:
-    """Log the SavedModel to an MLflow run, register it, move `champion` if it is better."""
+def register(module, config, report: dict, params: PublishParams, saved: Path, vocab: Path) -> dict:
+    """Log the SavedModel (TensorFlow flavour, token ids in) and the fill-mask model (text in) to an
+    MLflow run, register the fill-mask one, move `champion` if it is better."""
     import mlflow
     import mlflow.tensorflow
     import numpy as np
@@ -138,6 +161,7 @@ def register(module, config, report: dict, params: PublishParams) -> dict:
     from mlflow.types.schema import Schema, TensorSpec
 
     from bertdistill import tracking
+    from bertdistill.serving import log_fill_mask
 
     accuracy = float(report["student"]["mlm_accuracy"])
     inputs = Schema([TensorSpec(np.dtype(np.int32), (-1, -1), n) for n in ("input_ids", "input_mask",
@@ -158,13 +182,14 @@ def register(module, config, report: dict, params: PublishParams) -> dict:
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metric(ACCURACY_TAG, accuracy)
             mlflow.log_dict(report, "report.json")
-            info = mlflow.tensorflow.log_model(
+            mlflow.tensorflow.log_model(
                 module, name="model", signature=ModelSignature(inputs, outputs),
                 saved_model_kwargs={"signatures": {"serving_default": module.serve}},
-                pip_requirements=[f"tensorflow-cpu=={tf.__version__}"],
-                registered_model_name=params.model_name, await_registration_for=60)
+                pip_requirements=[f"tensorflow-cpu=={tf.__version__}"])
+            info = log_fill_mask(str(saved), str(vocab), params.model_name, tf.__version__)
         version = str(info.registered_model_version)
         client.set_model_version_tag(params.model_name, version, ACCURACY_TAG, repr(accuracy))
+        client.update_model_version(params.model_name, version, description=describe(report, client, parent))
         try:
             current = client.get_model_version_by_alias(params.model_name, CHAMPION)
             best = float(current.tags.get(ACCURACY_TAG, "-inf"))
