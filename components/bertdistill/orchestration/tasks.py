@@ -54,7 +54,7 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict
 def run_name(plan: dict, run_type: str, started: datetime) -> str:
     """What the MLflow runs table shows: the wiki, its dump date and how and when this run started."""
     how = "monthly" if run_type == "scheduled" else run_type
-    return f"{plan['params']['wiki']} {plan['date']} {how} {started:%Y-%m-%d %H:%M}"
+    return f"{plan['params']['wiki']} {plan['date']} {how} {started:%Y-%m-%d %H:%M:%S}"
 
 
 def prepare(plan: dict, run_id: str, dag_id: str = "bert_distillation", run_type: str = "manual",
