@@ -269,3 +269,30 @@ def test_publish_refuses_a_report_about_another_student(store, tmp_path, report,
     assert not (other / "savedmodel").exists()
     _, failed = _children(env, "publish")
     assert any(r.info.status == "FAILED" and "evaluated" in r.data.tags["bertdistill.error"] for r in failed)
+
+
+def test_a_new_student_is_judged_against_the_champion_on_the_same_examples(store, tmp_path, tiny_teacher,
+                                                                           labels_dir, labelled, first_publish):
+    """evaluate scores the current champion on this run's held-out examples; publish decides on those."""
+    from tests.conftest import distill_args
+
+    env, _ = store
+    client = _client(env)
+    incumbent = client.get_model_version_by_alias(MODEL, "champion")
+    challenger = tmp_path / "challenger"
+    run_cli(*distill_args(tiny_teacher, labels_dir, challenger, "--seed", "7"), env=env, check=True)
+    out = tmp_path / "report"
+    run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(challenger), "--heldout",
+            str(labelled.parent), "--output", str(out), "--max-examples", "256", "--latency-batch", "2",
+            "--champion", MODEL, env=env, check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["champion"]["version"] == int(incumbent.version)
+    assert report["champion"]["mlm_accuracy"] == pytest.approx(float(incumbent.tags["heldout_mlm_accuracy"]))
+    gain = report["gain_over_champion"]
+    assert gain["mlm_accuracy"] == pytest.approx(report["student"]["mlm_accuracy"] - report["champion"]["mlm_accuracy"])
+    proc = run_cli("publish", "--student", str(challenger), "--report", str(out), "--model-name", MODEL, env=env,
+                   check=True)
+    assert "compared on the same held-out examples" in proc.stdout
+    now = client.get_model_version_by_alias(MODEL, "champion")
+    won = report["student"]["mlm_accuracy"] > report["champion"]["mlm_accuracy"]
+    assert (now.version != incumbent.version) == won

@@ -139,6 +139,9 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", default=None,
                    help="the no-teacher control's student folder URI (distill with --soft-mlm-weight 0 "
                    "--soft-nsp-weight 0, same init, data and steps): the report adds the distillation gain")
+    p.add_argument("--champion", default=None, metavar="MODEL_NAME",
+                   help="registered model whose current champion is scored on the same held-out examples when "
+                   "its vocab and sequence length match (publish then decides on those figures)")
     p.add_argument("--top-k", type=_positive, default=10, help="k the labels must have been made with")
     p.add_argument("--batch-size", type=_positive, default=64, help="examples per evaluation batch")
     p.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N examples (0: all)")

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 TINY = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1, "dupe_factor": 1, "max_seq_length": 64,
         "max_predictions_per_seq": 10, "adapt_steps": 2, "train_steps": 4, "batch_size": 8, "student_layers": 1}
+MODEL = "bertdistill-enwiki-tiny-bert-1l-64"  # one registered model per wiki, teacher, student shape, length
 STEPS = ["fetch-dump", "extract", "build-corpus", "make-examples", "fetch-teacher", "adapt-teacher",
          "label-teacher", "distill", "evaluate", "publish"]
 
@@ -79,7 +80,7 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
         assert key in gain, key
     assert 0 < gain["student_parameters"] <= gain["teacher_parameters"]  # the tiny teacher has 1 layer too
     assert gain["pipeline_wall_seconds"] * 1000 <= parent.info.end_time - parent.info.start_time + 1000
-    assert parent.data.tags["bertdistill.model_version"] == "models:/bertdistill-student/1"
+    assert parent.data.tags["bertdistill.model_version"] == f"models:/{MODEL}/1"
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development")
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -94,7 +95,7 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     [extract] = [r for r in children if r.data.tags["bertdistill.step"] == "extract"]
     [dump] = [json.loads(d.dataset.source)["uri"] for d in extract.inputs.dataset_inputs]
     assert dump.startswith(str(root / "store" / "dumps" / "enwiki" / "20160101"))
-    champion = client.get_model_version_by_alias("bertdistill-student", "champion")
+    champion = client.get_model_version_by_alias(MODEL, "champion")
     assert int(champion.version) == 1
     published = list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
     assert len(published) == 1
@@ -208,7 +209,7 @@ def test_a_run_cut_short_resumes_from_the_finished_steps(local_run):
     assert all(p.read_bytes() == data for p, data in kept.items())  # finished steps untouched
     assert (student / "report" / "report.json").exists() and (student / "savedmodel" / "saved_model.pb").exists()
     client, _ = runs(root / "mlflow.db")
-    assert len(client.search_model_versions("name = 'bertdistill-student'")) == 2
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
 
 @pytest.mark.s3
@@ -227,4 +228,4 @@ def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaw
     assert any(k.startswith("mlflow/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts too
     assert not (tmp_path / "artifacts").exists()
     client, _all_runs = runs(tmp_path / "mlflow.db")
-    assert int(client.get_model_version_by_alias("bertdistill-student", "champion").version) == 1
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1

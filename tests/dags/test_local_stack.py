@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import free_port
-from tests.dags.test_dag_run import TINY
+from tests.dags.test_dag_run import MODEL, TINY
 
 pytest.importorskip("airflow")
 psutil = pytest.importorskip("psutil")
@@ -78,7 +78,7 @@ def test_a_run_triggered_through_the_rest_api_succeeds(stack):
         time.sleep(5)
     assert state == "success", (root / "airflow" / "logs").as_posix()
     # The student landed in the MLflow server's registry.
-    status, found = _call("GET", f"{info['mlflow']}/api/2.0/mlflow/registered-models/alias?name=bertdistill-student"
+    status, found = _call("GET", f"{info['mlflow']}/api/2.0/mlflow/registered-models/alias?name={MODEL}"
                           "&alias=champion")
     assert status == 200 and found["model_version"]["version"] == "1"
 

@@ -54,13 +54,16 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
     student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
+    # one registered model per kind of student: only like students (same wiki, teacher, shape and
+    # sequence length) compete for its champion alias
+    model_name = f"bertdistill-{p['wiki']}-{teacher_name}-{p['student_layers']}l-{p['max_seq_length']}"
     return {
         "params": p, "date": date, "run": run, "dumps": _join(root, "dumps"),
         "dump_folder": _join(root, "dumps", p["wiki"], date), "articles": _join(run, "articles"),
         "text": _join(run, "text"), "examples": examples, "teacher_source": teacher_source,
+        "model_name": model_name,
         "teacher": teacher, "adapted_teacher": adapted,
         "student": student, "report": _join(student, "report"), "published": _join(student, "savedmodel", MANIFEST),
-        "run_name": f"{p['wiki']}-{date}",
     }
 
 
@@ -145,11 +148,12 @@ def evaluate_args(plan: dict, teacher: str) -> list[str]:
     control = ["--control", control_folder(plan)] if plan["params"]["control"] else []
     return ["evaluate", "--teacher", teacher, "--student", plan["student"], "--heldout",
             _join(labels_folder(plan, teacher), "heldout"), "--output", plan["report"],
-            "--top-k", str(plan["params"]["top_k"]), *control, *_force(plan)]
+            "--top-k", str(plan["params"]["top_k"]), "--champion", plan["model_name"], *control, *_force(plan)]
 
 
 def publish_args(plan: dict) -> list[str]:
-    return ["publish", "--student", plan["student"], "--report", plan["report"], *_force(plan)]
+    return ["publish", "--student", plan["student"], "--report", plan["report"], "--model-name", plan["model_name"],
+            *_force(plan)]
 
 
 def _force(plan: dict) -> list[str]:

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from bertdistill.orchestration.settings import Settings
 
-MODEL = "bertdistill-student"
-
 
 def main() -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -24,10 +22,18 @@ def main() -> int:
     settings = Settings.load()
     uri = settings.tracking_uri()
     client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("bertdistill")
+    published = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], "tags.`bertdistill.model_version` LIKE 'models:/%'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not published:
+        print(f"no pipeline run in {uri} registered a student: the run did not publish", file=sys.stderr)
+        return 1
+    model = published[0].data.tags["bertdistill.model_version"].split("/")[1]
     try:
-        champion = client.get_model_version_by_alias(MODEL, "champion")
+        champion = client.get_model_version_by_alias(model, "champion")
     except MlflowException:
-        print(f"no '{MODEL}' with alias champion in {uri}: the run did not publish a student", file=sys.stderr)
+        print(f"'{model}' has no alias champion in {uri}", file=sys.stderr)
         return 1
     run = client.get_run(champion.run_id)
     parent_id = run.data.tags.get("mlflow.parentRunId")
@@ -39,7 +45,7 @@ def main() -> int:
     print(f"""
 MLflow store:      {uri}
 pipeline run:      {parent.info.run_name if parent else "-"} {parent_id or ""}
-registered model:  {MODEL} version {champion.version} (alias champion)
+registered model:  {model} version {champion.version} (alias champion)
 held-out MLM top-1 student {s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} \
 ({report['student_over_teacher']:.1%} kept); baseline {report['baseline']['mlm_accuracy']:.1%}
 {report.get('verdict', '')}
@@ -48,6 +54,8 @@ student SavedModel: {run.data.tags.get('bertdistill.output', '-')}
 
 Browse:  make up   then Airflow http://127.0.0.1:8080 and MLflow http://127.0.0.1:5000
    or:   .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri {uri}
+Serve:   PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m "models:/{model}@champion" \\
+           --env-manager local -h 127.0.0.1 -p 5001     (POST /invocations {{"inputs": {{"text": ["... [MASK] ..."]}}}})
 """)
     return 0
 

@@ -44,6 +44,7 @@ class EvaluateParams:
     heldout: str
     output: str
     control: str | None = None
+    champion: str | None = None  # registered model name: its champion is scored too
     top_k: int = 10
     batch_size: int = 64
     max_examples: int = 0  # 0: all
@@ -54,8 +55,11 @@ class EvaluateParams:
 def run(params: EvaluateParams) -> Manifest:
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "student", "heldout", "output",
-                                                                        "control", "force")}
-    fingerprint["schema"] = 2
+                                                                        "control", "champion", "force")}
+    fingerprint["schema"] = 3
+    champion = current_champion(params.champion) if params.champion else None
+    if champion is not None:  # a new champion since the last report makes it stale
+        fingerprint["champion"] = {"model": params.champion, "version": champion["version"]}
     inputs = {"teacher": params.teacher, "student": params.student, "heldout": params.heldout}
     if params.control:
         inputs["control"] = params.control
@@ -83,9 +87,18 @@ def run(params: EvaluateParams) -> Manifest:
         info = open_labels(folder.child_uri(names[0]), vocab.sha256, params.top_k)
         for name in names[1:]:
             open_labels(folder.child_uri(name), vocab.sha256, params.top_k)
+        if champion and champion["export"] != open_folder(params.student).child_uri("export"):
+            if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
+                with staged_teacher(champion["export"]) as local:
+                    students["champion"] = load_teacher(local, champion["export"])[:2]
+            else:
+                log.info("champion %s version %s was trained on another vocab or sequence length: not scored",
+                         params.champion, champion["version"])
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             paths = stage_locally([folder.child_uri(n) for n in names], Path(tmp))
             report = evaluate(students, teacher_config, teacher_weights, paths, info, params)
+            if "champion" in report:
+                report["champion"]["version"] = champion["version"]
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             chart(report, Path(tmp) / "report.png")
             for name in ("report.json", "report.png"):
@@ -184,12 +197,36 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
     if "control" in models:
         gain, low, high = paired_gain(col["student_top1"] == y, col["control_top1"] == y)
         report["distillation_gain"] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
+    if "champion" in models:
+        gain, low, high = paired_gain(col["student_top1"] == y, col["champion_top1"] == y)
+        report["gain_over_champion"] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
+    report["max_seq_length"] = L
     report["verdict"] = verdict(report)
     for name, model in (("student", models["student"]), ("teacher", teacher)):
         report[name].update(latency(model, params.latency_batch, L, P))
     report["speedup_encoder"] = report["teacher"]["latency_encoder_s"] / report["student"]["latency_encoder_s"]
     report["speedup_with_mlm_head"] = report["teacher"]["latency_mlm_s"] / report["student"]["latency_mlm_s"]
     return report
+
+
+def current_champion(model_name: str) -> dict | None:
+    """The registered model's champion as publish tagged it (export folder, vocab, sequence length);
+    None without tracking, without a champion, or for a version that predates those tags."""
+    from bertdistill import tracking
+
+    if not tracking.enabled():
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = tracking.client().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    tags = version.tags
+    if not {"bertdistill.export", "vocab_sha256", "max_seq_length"} <= set(tags):
+        return None
+    return {"version": int(version.version), "export": tags["bertdistill.export"],
+            "vocab_sha256": tags["vocab_sha256"], "max_seq_length": int(tags["max_seq_length"])}
 
 
 def paired_gain(student_correct: np.ndarray, control_correct: np.ndarray, resamples: int = 2000,

@@ -60,17 +60,35 @@ def run(params: PublishParams) -> Manifest:
             module = export_savedmodel(config, weights, saved)
             for path in sorted(p for p in saved.rglob("*") if p.is_file()):
                 writer.write_bytes(path.relative_to(saved).as_posix(), path.read_bytes())
-            summary = register(module, config, report, params, saved, vocab.path)
+            summary = register(module, config, report, params, saved, vocab)
         # the pipeline's run links the version it registered
         summary["parent_tags"] = {"model_version": f"models:/{params.model_name}/{summary['model_version']}",
                                   "champion": str(summary["champion"]).lower()}
-        verdict = "is the new champion" if summary["champion"] else "did not beat the champion"
+        verdict = ("is the new champion" if summary["champion"] else "did not beat the champion") + (
+            f" (compared on {summary['champion_basis']})")
         print(f"publish: {params.model_name} version {summary['model_version']} (held-out masked-LM accuracy "
               f"{summary[ACCURACY_TAG]:.1%}) {verdict}; SavedModel in {output.uri}")
         return summary
 
     return run_step("publish", fingerprint, {"student": open_folder(params.student).child_uri("export"),
                                              "report": params.report}, output, work, force=params.force)
+
+
+def decide(accuracy: float, report: dict, current) -> tuple[bool, float, str]:
+    """(is the new student the champion?, the champion's accuracy it was compared with, on what basis).
+
+    The same held-out examples when evaluate scored the current champion on them; else the
+    accuracy recorded when the champion was published (another run's held-out examples).
+    A tie keeps the incumbent.
+    """
+    if current is None:
+        return True, float("-inf"), "no champion yet"
+    scored = report.get("champion", {})
+    if scored.get("version") == int(current.version):
+        best = float(scored["mlm_accuracy"])
+        return accuracy > best, best, "the same held-out examples"
+    best = float(current.tags.get(ACCURACY_TAG, "-inf"))
+    return accuracy > best, best, "the champion's recorded accuracy, on its own run's held-out examples"
 
 
 def describe(report: dict, client, parent: str | None) -> str:
@@ -149,7 +167,7 @@ def export_savedmodel(config, weights, path: Path):
     return module
 
 
-def register(module, config, report: dict, params: PublishParams, saved: Path, vocab: Path) -> dict:
+def register(module, config, report: dict, params: PublishParams, saved: Path, vocab) -> dict:
     """Log the SavedModel (TensorFlow flavour, token ids in) and the fill-mask model (text in) to an
     MLflow run, register the fill-mask one, move `champion` if it is better."""
     import mlflow
@@ -186,16 +204,21 @@ def register(module, config, report: dict, params: PublishParams, saved: Path, v
                 module, name="model", signature=ModelSignature(inputs, outputs),
                 saved_model_kwargs={"signatures": {"serving_default": module.serve}},
                 pip_requirements=[f"tensorflow-cpu=={tf.__version__}"])
-            info = log_fill_mask(str(saved), str(vocab), params.model_name, tf.__version__)
+            info = log_fill_mask(str(saved), str(vocab.path), params.model_name, tf.__version__)
         version = str(info.registered_model_version)
-        client.set_model_version_tag(params.model_name, version, ACCURACY_TAG, repr(accuracy))
+        # what evaluate needs to score this version against a later student on the same examples
+        tags = {ACCURACY_TAG: repr(accuracy), "bertdistill.export": open_folder(params.student).child_uri("export"),
+                "vocab_sha256": vocab.sha256}
+        if "max_seq_length" in report:
+            tags["max_seq_length"] = str(report["max_seq_length"])
+        for key, value in tags.items():
+            client.set_model_version_tag(params.model_name, version, key, value)
         client.update_model_version(params.model_name, version, description=describe(report, client, parent))
         try:
             current = client.get_model_version_by_alias(params.model_name, CHAMPION)
-            best = float(current.tags.get(ACCURACY_TAG, "-inf"))
         except MlflowException:
-            current, best = None, float("-inf")
-        champion = accuracy > best
+            current = None
+        champion, best, basis = decide(accuracy, report, current)
         if champion:
             client.set_registered_model_alias(params.model_name, CHAMPION, version)
     except MlflowException as exc:
@@ -203,4 +226,4 @@ def register(module, config, report: dict, params: PublishParams, saved: Path, v
     return {"model_name": params.model_name, "model_version": int(version), "mlflow_run_id": run_id,
             ACCURACY_TAG: accuracy, "champion": champion,
             "previous_champion_version": int(current.version) if current else None,
-            "previous_champion_accuracy": None if current is None else best}
+            "previous_champion_accuracy": None if current is None else best, "champion_basis": basis}
