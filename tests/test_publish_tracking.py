@@ -83,6 +83,10 @@ def test_a_distill_run_logs_its_loss_curve_while_it_trains(store, tmp_path, tiny
     assert [m.value for m in history] == pytest.approx(manifest["summary"]["losses"])
     times = [m.timestamp for m in history]
     assert times == sorted(times) and run.info.start_time <= times[0] and times[-1] <= run.info.end_time
+    # settings are params (the pipeline's too), not metric charts
+    assert json.loads(run.data.params["resolved.student_config"])["num_hidden_layers"] == 1
+    assert run.data.params["steps"] == "6" and run.data.params["pipeline.wiki"] == "enwiki"
+    assert not [k for k in run.data.metrics if k.startswith("student_config") or k in ("steps", "student_layers")]
     rates = client.get_metric_history(run.info.run_id, "learning_rate")
     assert [m.step for m in rates] == [1, 2, 3, 4, 5, 6] and rates[1].value > rates[-1].value >= 0
     # the run lasted as long as the step's own training at least

@@ -36,6 +36,10 @@ ARTIFACTS_ENV = "BERTDISTILL_MLFLOW_ARTIFACTS"
 DEFAULT_EXPERIMENT = "bertdistill"
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 SERIES = {"losses": "loss", "step_seconds": "step_seconds"}  # summary lists logged as metric curves
+# Summary entries that restate a setting, not a measurement: params, not metric charts.
+SETTINGS_IN_SUMMARY = {"steps", "resumed_from", "student_layers", "student_parameters", "ranks", "top_k",
+                       "max_seq_length", "max_predictions_per_seq", "most_frequent_token_id", "model_version",
+                       "previous_champion_version", "chunks", "shuffle_buckets", "layers", "parameters"}
 SMALL_ARTIFACT_BYTES = 5 << 20
 ARTIFACT_SUFFIXES = (".json", ".png")
 
@@ -217,6 +221,11 @@ def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None 
         params.append(Param("output", output_uri[:6000]))
         summary = dict(manifest.summary or {})
         headline, headline_tags = summary.pop("parent_metrics", {}), summary.pop("parent_tags", {})
+        settings = {k: summary.pop(k) for k in sorted(summary) if k in SETTINGS_IN_SUMMARY or k.endswith("_config")}
+        params += [Param(k if k not in manifest.params else f"resolved.{k}", _param_value(v))
+                   for k, v in settings.items() if manifest.params.get(k) != v]
+        if parent:  # the pipeline's settings too, so the Compare page tells two students apart
+            params += [Param(f"pipeline.{k}", v) for k, v in sorted(c.get_run(parent).data.params.items())]
         metrics = [m for m in _metrics(summary) if m.key not in _live]
         if manifest.seconds is not None:
             metrics.append(Metric("step_wall_seconds", float(manifest.seconds), 0, 0))
@@ -241,7 +250,7 @@ def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None 
         _log_artifacts(c, run_id, manifest, output_uri)
         c.log_batch(run_id, tags=[RunTag("bertdistill.created", manifest.created or "")])
         if parent and (headline or headline_tags):  # a step's headline figures show on the pipeline's run
-            c.log_batch(parent, metrics=list(_metrics(headline)),
+            c.log_batch(parent, metrics=list(_metrics(headline, headline=True)),
                         tags=[RunTag(f"bertdistill.{k}", str(v)[:5000]) for k, v in headline_tags.items()])
     except Exception:
         c.set_terminated(run_id, "FAILED")
@@ -263,7 +272,7 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
-def _metrics(summary: dict[str, Any], prefix: str = ""):
+def _metrics(summary: dict[str, Any], prefix: str = "", headline: bool = False):
     """Numbers as metrics at step 0, the known series as curves, nested dicts with dotted keys;
     stamped with the time they are logged (the step's end)."""
     from mlflow.entities import Metric
@@ -274,9 +283,10 @@ def _metrics(summary: dict[str, Any], prefix: str = ""):
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            yield Metric(name, float(value), now, 0)
+            if headline or key not in SETTINGS_IN_SUMMARY:
+                yield Metric(name, float(value), now, 0)
         elif isinstance(value, dict):
-            yield from _metrics(value, f"{name}.")
+            yield from _metrics(value, f"{name}.", headline)
         elif key in SERIES and isinstance(value, list):
             first = int(summary.get("resumed_from") or 0)
             for i, v in enumerate(value):
