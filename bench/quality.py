@@ -13,6 +13,9 @@ the same order for the same steps, and differs only in its soft targets:
     cache-k10        the DAG's setting: KL to the cached top-10 + rest mass, T=1
     cache-k5         the same cache cut to its top 5 (rest mass grows by what is cut)
     cache-k10-t2     the top-10 cache at temperature 2
+    cache-k10-w4     the top-10 cache weighted 4 against the hard labels' 1 (DistilBERT weighs
+                     its soft targets 5 against masked-LM 2)
+    cache-k10-soft   the top-10 cache alone: no hard masked-LM loss
     online-dense     the teacher run online, KL to its full distribution: the upper bound
                      any cache of its outputs can reach
     online-hidden    online-dense plus DistilBERT's cosine loss between the last hidden
@@ -45,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROWS = ("control", "cache-k10", "cache-k5", "cache-k10-t2", "online-dense", "online-hidden", "online-relation",
-        "sampled-12")
+ROWS = ("control", "cache-k10", "cache-k5", "cache-k10-t2", "cache-k10-w4", "cache-k10-soft", "online-dense",
+        "online-hidden", "online-relation", "sampled-12")
 SAMPLES = 12
 RELATION_HEADS = 12
 
@@ -112,6 +115,8 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
     data = iter(labelled_dataset(paths, L, P, 10, args.batch_size, shuffle=True, repeat=True, seed=0))
     temperature = 2.0 if row.endswith("-t2") else 1.0
+    soft_weight = 4.0 if row.endswith("-w4") else 1.0
+    hard_weight = 0.0 if row.endswith("-soft") else 1.0
 
     @tf.function
     def step(b, seed):
@@ -121,11 +126,11 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
             sequence = model.encode(b["input_ids"], b["input_mask"], b["segment_ids"], training=True, seed=seed)
             logits = model.mlm_logits(sequence, b["masked_lm_positions"])
             nsp = model.nsp_logits(sequence)
-            loss = (masked_lm_loss(logits, b["masked_lm_ids"], b["masked_lm_weights"])
+            loss = (hard_weight * masked_lm_loss(logits, b["masked_lm_ids"], b["masked_lm_weights"])
                     + 0.5 * next_sentence_loss(nsp, b["next_sentence_labels"][:, 0]))
             if row.startswith("cache"):
-                loss += soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"],
-                                      b["masked_lm_weights"], temperature)
+                loss += soft_weight * soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"],
+                                                    b["teacher_rest_prob"], b["masked_lm_weights"], temperature)
                 loss += 0.5 * soft_next_sentence_loss(nsp, b["teacher_nsp_logits"], temperature)
             if row == "sampled-12":
                 t_sequence = teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"])

@@ -108,6 +108,11 @@ def test_the_configmap_is_what_the_dag_reads_and_where_airflow_loads_it():
     airflow_values = yaml.safe_load((ROOT / "helm" / "airflow-values.yaml").read_text())
     assert f"name: {config['metadata']['name']}" in airflow_values["extraEnvFrom"]
     assert airflow_values["workers"]["serviceAccount"]["name"] == "airflow-worker"
+    # The monthly DAG's sizes travel as JSON that the DAG's Settings read back.
+    monthly = {**VALUES, "pipeline": {**VALUES.get("pipeline", {}), "monthlyParams": {"train_shards": 64}}}
+    [config] = [o for o in render(monthly) if o["kind"] == "ConfigMap"]
+    settings = Settings(monthly_params=config["data"]["BERTDISTILL_MONTHLY_PARAMS"])
+    assert settings.monthly_overrides() == {"train_shards": 64}
 
 
 def test_only_airflow_task_pods_get_the_s3_keys_and_task_logs_outlive_them():
