@@ -45,6 +45,7 @@ def main() -> int:
     print(f"""
 MLflow store:      {uri}
 pipeline run:      {parent.info.run_name if parent else "-"} {parent_id or ""}
+runs table:        (with make up) http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning
 registered model:  {model} version {champion.version} (alias champion)
 held-out MLM top-1 student {s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} \
 ({report['student_over_teacher']:.1%} kept); baseline {report['baseline']['mlm_accuracy']:.1%}
