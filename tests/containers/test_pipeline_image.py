@@ -225,8 +225,12 @@ def test_pod_outputs_are_byte_identical_to_the_local_run(pipeline_runs, seaweed)
 def test_evaluate_and_publish_reached_mlflow_from_their_pods(pipeline_runs, mlflow_server):
     import mlflow
 
+    from bertdistill.orchestration import plan as planning
+
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    version = client.get_model_version_by_alias("bertdistill-student", "champion")
+    model = planning.make_plan(TINY, pipeline_runs["settings"], DATE)["model_name"]
+    assert model.startswith("bertdistill-enwiki-")  # the DAG's name for this kind of student
+    version = client.get_model_version_by_alias(model, "champion")
     assert int(version.version) >= 1
     [publish] = [proc for task_id, _, proc in pipeline_runs["pods"] if task_id == "publish"]
     assert "champion" in publish.stdout + publish.stderr
