@@ -132,9 +132,11 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
                 loss += soft_weight * soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"],
                                                     b["teacher_rest_prob"], b["masked_lm_weights"], temperature)
                 loss += 0.5 * soft_next_sentence_loss(nsp, b["teacher_nsp_logits"], temperature)
-            if row == "sampled-12":
+            if teacher is not None:
                 t_sequence = teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
                 t_logits = teacher.mlm_logits(t_sequence, b["masked_lm_positions"])
+                loss += 0.5 * soft_next_sentence_loss(nsp, teacher.nsp_logits(t_sequence))
+            if row == "sampled-12":
                 flat = tf.reshape(t_logits, [-1, teacher_config.vocab_size])
                 drawn = tf.random.stateless_categorical(flat, SAMPLES, seed, dtype=tf.int32)
                 rows = tf.repeat(tf.range(tf.shape(flat)[0]), SAMPLES)
@@ -145,15 +147,11 @@ def train(row: str, teacher_config, teacher_weights, paths: list[str], info: dic
                 w = b["masked_lm_weights"]
                 ce = -tf.reduce_sum(target * tf.nn.log_softmax(logits), -1)
                 loss += tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
-                loss += 0.5 * soft_next_sentence_loss(nsp, teacher.nsp_logits(t_sequence))
             elif teacher is not None:
-                t_sequence = teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
-                t_logits = teacher.mlm_logits(t_sequence, b["masked_lm_positions"])
                 p = tf.nn.softmax(t_logits)
                 kl = tf.reduce_sum(p * (tf.nn.log_softmax(t_logits) - tf.nn.log_softmax(logits)), -1)
                 w = b["masked_lm_weights"]
                 loss += tf.reduce_sum(kl * w) / tf.maximum(tf.reduce_sum(w), 1.0)
-                loss += 0.5 * soft_next_sentence_loss(nsp, teacher.nsp_logits(t_sequence))
                 if row == "online-relation":
                     n = teacher_config.num_hidden_layers
                     t_rel = relations(teacher, teacher.encode(b["input_ids"], b["input_mask"], b["segment_ids"],

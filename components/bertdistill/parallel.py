@@ -55,6 +55,14 @@ class World:
         return self.hvd.allgather_object(value) if self.hvd else [value]
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, 0 when none did (read before Horovod starts)."""
+    for name in LAUNCHER_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def init_world() -> World:
     if not any(name in os.environ for name in LAUNCHER_VARIABLES):
         return World()

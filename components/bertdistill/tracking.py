@@ -27,6 +27,7 @@ from typing import Any
 
 from bertdistill.errors import StepError, TransientError
 from bertdistill.manifest import Manifest
+from bertdistill.parallel import launcher_rank
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def open_step(step: str, output_uri: str | None) -> str | None:
     """The step's child run, opened RUNNING as the step starts (so MLflow shows its real duration
     and a killed step's run is found open and closed KILLED); None when tracking is off or on a
     Horovod rank other than 0. Its id goes into the environment for the step's own logging."""
-    if not enabled() or _launcher_rank() != 0:
+    if not enabled() or launcher_rank() != 0:
         return None
     c = client()
     parent = parent_run_id()
@@ -191,13 +192,6 @@ def close_step(run_id: str | None, status: str, error: str = "") -> None:
     c.set_terminated(run_id, status)
 
 
-def _launcher_rank() -> int:
-    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
 def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None = None) -> str | None:
     """A finished (or reused) step's parameters, summary, inputs and small files, into its run
     (the one opened at its start, else a new one); returns its id, None when tracking is off."""
@@ -221,12 +215,14 @@ def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None 
         params.append(Param("output", output_uri[:6000]))
         summary = dict(manifest.summary or {})
         headline, headline_tags = summary.pop("parent_metrics", {}), summary.pop("parent_tags", {})
-        settings = {k: summary.pop(k) for k in sorted(summary) if k in SETTINGS_IN_SUMMARY or k.endswith("_config")}
+        settings = {k: summary[k] for k in sorted(summary) if k in SETTINGS_IN_SUMMARY or k.endswith("_config")}
         params += [Param(k if k not in manifest.params else f"resolved.{k}", _param_value(v))
                    for k, v in settings.items() if manifest.params.get(k) != v]
         if parent:  # the pipeline's settings too, so the Compare page tells two students apart
             params += [Param(f"pipeline.{k}", v) for k, v in sorted(c.get_run(parent).data.params.items())]
-        metrics = [m for m in _metrics(summary) if m.key not in _live]
+        measured = {k: v for k, v in summary.items() if not k.endswith("_config")}
+        metrics = [m for m in _metrics(measured)
+                   if m.key not in _live and m.key.rsplit(".", 1)[-1] not in SETTINGS_IN_SUMMARY]
         if manifest.seconds is not None:
             metrics.append(Metric("step_wall_seconds", float(manifest.seconds), 0, 0))
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params and 1000 metrics
@@ -250,7 +246,7 @@ def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None 
         _log_artifacts(c, run_id, manifest, output_uri)
         c.log_batch(run_id, tags=[RunTag("bertdistill.created", manifest.created or "")])
         if parent and (headline or headline_tags):  # a step's headline figures show on the pipeline's run
-            c.log_batch(parent, metrics=list(_metrics(headline, headline=True)),
+            c.log_batch(parent, metrics=list(_metrics(headline)),
                         tags=[RunTag(f"bertdistill.{k}", str(v)[:5000]) for k, v in headline_tags.items()])
     except Exception:
         c.set_terminated(run_id, "FAILED")
@@ -272,7 +268,7 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
-def _metrics(summary: dict[str, Any], prefix: str = "", headline: bool = False):
+def _metrics(summary: dict[str, Any], prefix: str = ""):
     """Numbers as metrics at step 0, the known series as curves, nested dicts with dotted keys;
     stamped with the time they are logged (the step's end)."""
     from mlflow.entities import Metric
@@ -283,10 +279,9 @@ def _metrics(summary: dict[str, Any], prefix: str = "", headline: bool = False):
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            if headline or key not in SETTINGS_IN_SUMMARY:
-                yield Metric(name, float(value), now, 0)
+            yield Metric(name, float(value), now, 0)
         elif isinstance(value, dict):
-            yield from _metrics(value, f"{name}.", headline)
+            yield from _metrics(value, f"{name}.")
         elif key in SERIES and isinstance(value, list):
             first = int(summary.get("resumed_from") or 0)
             for i, v in enumerate(value):

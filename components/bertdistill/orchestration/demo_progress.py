@@ -95,7 +95,7 @@ def _pump(stream: TextIO, lines: queue.Queue) -> None:
 
 
 def run(command: list[str], log: Path, show: Callable[[str], None] = print) -> int:
-    view = ProgressView(lambda text: show(text))
+    view = ProgressView(show)
     log.parent.mkdir(parents=True, exist_ok=True)
     lines: queue.Queue = queue.Queue()
     with log.open("w") as out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -25,9 +25,9 @@ def close_pipeline_runs(dag_id: str, run_id: str, status: str) -> list[str]:
     """Close the MLflow parent run(s) of one DAG run still RUNNING, and their open step runs (KILLED)."""
     from bertdistill import tracking
     from bertdistill.orchestration.settings import Settings
-    from bertdistill.orchestration.tasks import _tracking_env
+    from bertdistill.orchestration.tasks import tracking_env
 
-    _tracking_env(Settings.load())
+    tracking_env(Settings.load())
     c = tracking.client()
     closed = []
     for parent in tracking.open_runs(c, f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.dag_id` = '{dag_id}'"):

@@ -25,7 +25,7 @@ def _manifest(folder_uri: str, name: str = planning.MANIFEST) -> Manifest | None
     return read_manifest(open_folder(folder_uri), name)
 
 
-def _tracking_env(settings: Settings) -> None:
+def tracking_env(settings: Settings) -> None:
     """The tracking settings the steps get, for the MLflow client in this process."""
     from bertdistill import tracking
 
@@ -62,7 +62,7 @@ def prepare(plan: dict, run_id: str, dag_id: str = "bert_distillation", run_type
     from bertdistill import tracking
 
     settings = settings or Settings.load()
-    _tracking_env(settings)
+    tracking_env(settings)
     tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.run_type": run_type,
             "bertdistill.run": plan["run"], "bertdistill.student": plan["student"]}
     if settings.airflow_url:
@@ -118,7 +118,7 @@ def close_tracking(parent_run_id: str | None, states: dict[str, str | None],
 
     if not parent_run_id:
         return None
-    _tracking_env(settings or Settings.load())
+    tracking_env(settings or Settings.load())
     failed = sorted(task for task, state in states.items() if state in ("failed", "upstream_failed"))
     status = "FAILED" if failed else "FINISHED"
     tracking.end_pipeline(parent_run_id, status, **({"failed_tasks": ", ".join(failed)} if failed else {}))

@@ -87,7 +87,7 @@ def run(params: EvaluateParams) -> Manifest:
         info = open_labels(folder.child_uri(names[0]), vocab.sha256, params.top_k)
         for name in names[1:]:
             open_labels(folder.child_uri(name), vocab.sha256, params.top_k)
-        if champion and champion["export"] != open_folder(params.student).child_uri("export"):
+        if champion is not None and champion["export"] != open_folder(params.student).child_uri("export"):
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
                 with staged_teacher(champion["export"]) as local:
                     students["champion"] = load_teacher(local, champion["export"])[:2]
@@ -194,12 +194,10 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
                          "parameters": teacher.parameter_count(), "layers": teacher_config.num_hidden_layers}
     report["baseline"] = scores(np.full_like(y, most), None, None)
     report["student_over_teacher"] = report["student"]["mlm_accuracy"] / max(report["teacher"]["mlm_accuracy"], 1e-9)
-    if "control" in models:
-        gain, low, high = paired_gain(col["student_top1"] == y, col["control_top1"] == y)
-        report["distillation_gain"] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
-    if "champion" in models:
-        gain, low, high = paired_gain(col["student_top1"] == y, col["champion_top1"] == y)
-        report["gain_over_champion"] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
+    for role, key in (("control", "distillation_gain"), ("champion", "gain_over_champion")):
+        if role in models:
+            gain, low, high = paired_gain(col["student_top1"] == y, col[f"{role}_top1"] == y)
+            report[key] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
     report["max_seq_length"] = L
     report["verdict"] = verdict(report)
     timed = latency({"student": models["student"], "teacher": teacher}, params.latency_batch, L, P)

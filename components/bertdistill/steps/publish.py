@@ -207,11 +207,11 @@ def register(module, config, report: dict, params: PublishParams, saved: Path, v
             info = log_fill_mask(str(saved), str(vocab.path), params.model_name, tf.__version__)
         version = str(info.registered_model_version)
         # what evaluate needs to score this version against a later student on the same examples
-        tags = {ACCURACY_TAG: repr(accuracy), "bertdistill.export": open_folder(params.student).child_uri("export"),
-                "vocab_sha256": vocab.sha256}
+        version_tags = {ACCURACY_TAG: repr(accuracy), "vocab_sha256": vocab.sha256,
+                        "bertdistill.export": open_folder(params.student).child_uri("export")}
         if "max_seq_length" in report:
-            tags["max_seq_length"] = str(report["max_seq_length"])
-        for key, value in tags.items():
+            version_tags["max_seq_length"] = str(report["max_seq_length"])
+        for key, value in version_tags.items():
             client.set_model_version_tag(params.model_name, version, key, value)
         client.update_model_version(params.model_name, version, description=describe(report, client, parent))
         try:
