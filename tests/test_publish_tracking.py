@@ -300,3 +300,67 @@ def test_a_new_student_is_judged_against_the_champion_on_the_same_examples(store
     now = client.get_model_version_by_alias(MODEL, "champion")
     won = report["student"]["mlm_accuracy"] > report["champion"]["mlm_accuracy"]
     assert (now.version != incumbent.version) == won
+
+
+def test_two_publishers_at_once_are_judged_one_after_the_other(tmp_path):
+    """Both read the alias, then both set it: without the lock the later (worse) write wins.
+    Each publisher here pauses between reading the champion and moving it, to make that
+    interleaving certain rather than rare."""
+    import threading
+    import time
+
+    from bertdistill.steps import publish
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    name = "race"
+    client.create_registered_model(name)
+    accuracy = {"1": 0.30, "2": 0.20}
+    for version in accuracy:
+        client.create_model_version(name, source=str(tmp_path / version))
+        client.set_model_version_tag(name, version, publish.ACCURACY_TAG, repr(accuracy[version]))
+
+    class SlowReader:
+        """The client, with a pause after each read of the alias."""
+
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def get_model_version_by_alias(self, *args):
+            try:
+                return client.get_model_version_by_alias(*args)
+            finally:
+                time.sleep(1.5)
+
+    results = {}
+
+    def publish_version(version: str) -> None:
+        results[version] = publish.promote(SlowReader(), name, version, accuracy[version], report={})
+
+    better = threading.Thread(target=publish_version, args=("1",))
+    better.start()
+    time.sleep(0.5)  # the better one reads first; the worse one reads while it pauses
+    worse = threading.Thread(target=publish_version, args=("2",))
+    worse.start()
+    better.join(timeout=60)
+    worse.join(timeout=60)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert results["1"][0] is True
+    moved, incumbent, best, _basis = results["2"]
+    assert moved is False and str(incumbent.version) == "1" and best == pytest.approx(0.30)
+    assert not client.search_registered_models(f"name = 'race{publish.LOCK_SUFFIX}'")  # released
+
+
+def test_a_lock_left_by_a_publisher_that_died_is_removed_by_the_next(tmp_path):
+    from bertdistill.steps import publish
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path / "1"))
+    client.create_registered_model(f"m{publish.LOCK_SUFFIX}")  # a publisher died holding it
+    with pytest.raises(publish.TransientError, match="held for .* delete that registered model"):
+        with publish.promotion_lock(client, "m", wait_s=1.5):
+            pass
+    with publish.promotion_lock(client, "m", stale_s=0.5):
+        assert client.get_registered_model(f"m{publish.LOCK_SUFFIX}").creation_timestamp  # ours now
+    moved, incumbent, _best, basis = publish.promote(client, "m", "1", 0.1, report={})
+    assert moved and incumbent is None and basis == "no champion yet"

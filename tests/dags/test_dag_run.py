@@ -101,6 +101,26 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     assert len(published) == 1
 
 
+def test_the_demo_summary_reads_the_run_and_asks_the_champion(local_run):
+    """What `make demo` prints last: the run's figures and the champion's answers to its probes, loaded
+    as `mlflow models serve` loads it (the tiny student's words are not checked, only that it answered)."""
+    import sys
+
+    from bertdistill.orchestration.summary import PROBES
+
+    env, _root, first = local_run
+    assert first.returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "bertdistill.orchestration.summary"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"registered model:  {MODEL} version 1 (alias champion)" in proc.stdout
+    answered = [line for line in proc.stdout.splitlines() if line.strip().startswith(PROBES)]
+    assert len(answered) == len(PROBES)
+    for line in answered:
+        words = line.split("]", 1)[1].split(",")
+        assert len(words) == 3 and all(0 <= float(w.split()[-1]) <= 1 for w in words), line
+
+
 def test_a_failed_run_closes_its_mlflow_runs(airflow_env, sample, hf_teacher, tmp_path):
     """A step that fails (here fetch-teacher, given a teacher that does not exist) fails the run; the
     teardown still closes the pipeline's MLflow run FAILED, naming the failed task, and no run stays open."""

@@ -1,6 +1,9 @@
 """What a finished run left in MLflow, printed for a person: `python -m bertdistill.orchestration.summary`.
 
 Exits 1 when no student is registered, so `make demo` fails loudly if the DAG did not publish.
+It ends by asking the champion to fill in a few masks, loaded the way `mlflow models serve`
+loads it (models:/NAME@champion as a pyfunc), so a person sees what the model knows, and
+what it does not.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import tempfile
 from pathlib import Path
 
 from bertdistill.orchestration.settings import Settings
+
+PROBES = ("the united [MASK] of america.", "the album was released [MASK] 1998.", "in 1990, he [MASK] to london.",
+          "paris is the capital of [MASK].")
 
 
 def main() -> int:
@@ -62,7 +68,27 @@ Browse:  make up   then Airflow http://127.0.0.1:8080 and MLflow http://127.0.0.
 Serve:   PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m "models:/{model}@champion" \\
            --env-manager local -h 127.0.0.1 -p 5001     (POST /invocations {{"inputs": {{"text": ["... [MASK] ..."]}}}})
 """)
+    print(answers(uri, model))
     return 0
+
+
+def answers(uri: str, model: str) -> str:
+    """The champion's top 3 words for each probe, with their probabilities."""
+    import warnings
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    warnings.filterwarnings("ignore", message="Add type hints")  # about logging models, not loading them
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/{model}@champion")
+    if "text" not in served.metadata.get_input_schema().input_names():
+        return f"{model}@champion takes token ids (published before fill-mask serving): publish again to ask it\n"
+    lines = ["The champion fills in masks (what `mlflow models serve` answers):"]
+    for answer in served.predict(pd.DataFrame({"text": PROBES}), params={"top_k": 3}):
+        words = ", ".join(f"{w['token']} {w['probability']:.2f}" for w in answer["masks"][0])
+        lines.append(f"  {answer['text']:<40} {words}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ this step's run. Beside it the run holds `fill_mask` (serving.py: text with [MAS
 words out), which is what gets registered under --model-name, so the champion can be served
 over HTTP by `mlflow models serve` as it is. The registry's alias `champion` moves to the
 new version only when its held-out masked-LM accuracy (from evaluate's report, which must be
-about this student) beats the current champion's; a tie keeps the incumbent.
+about this student) beats the current champion's; a tie keeps the incumbent. The decision and
+the move happen under a lock in the registry (promotion_lock), so runs publishing at once
+are judged one after the other.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import json
 import logging
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertdistill.errors import StepError
+from bertdistill.errors import StepError, TransientError
 from bertdistill.manifest import FOLDER_MANIFEST, Manifest, OutputWriter, read_manifest, run_step
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 ACCURACY_TAG = "heldout_mlm_accuracy"
 SAVEDMODEL = "savedmodel"
+LOCK_SUFFIX = "-promotion-lock"
+LOCK_STALE_S = 900.0
 
 
 @dataclass
@@ -89,6 +95,62 @@ def decide(accuracy: float, report: dict, current) -> tuple[bool, float, str]:
         return accuracy > best, best, "the same held-out examples"
     best = float(current.tags.get(ACCURACY_TAG, "-inf"))
     return accuracy > best, best, "the champion's recorded accuracy, on its own run's held-out examples"
+
+
+def promote(client, model_name: str, version: str, accuracy: float, report: dict):
+    """Move `champion` to `version` if it beats the current one: read, decide and set under the lock,
+    so two runs publishing at once cannot both judge against the same incumbent and the last to
+    write win. Returns (moved?, the incumbent version or None, its accuracy, the basis)."""
+    from mlflow.exceptions import MlflowException
+
+    with promotion_lock(client, model_name):
+        try:
+            current = client.get_model_version_by_alias(model_name, CHAMPION)
+        except MlflowException:
+            current = None
+        champion, best, basis = decide(accuracy, report, current)
+        if champion:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+    return champion, current, best, basis
+
+
+@contextmanager
+def promotion_lock(client, model_name: str, wait_s: float = 600, stale_s: float = LOCK_STALE_S):
+    """A mutex in the registry itself: the registered model `<name>-promotion-lock` exists while a
+    publisher holds it. MLflow has no compare-and-set for aliases, but creating a registered model
+    is atomic (a name is unique in its database), and every publisher reaches the same registry
+    wherever it runs (a pod, `make demo`, the CLI). A lock older than `stale_s` was left by a
+    publisher that died between create and delete, and is removed by the next one."""
+    from mlflow.exceptions import MlflowException
+
+    name = f"{model_name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(name, description=(
+                f"Held while a run decides whether to move {model_name}@{CHAMPION}; removed when it is done. "
+                f"Left over for more than {stale_s / 60:.0f} minutes, it is removed by the next publish."))
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(name)
+        except MlflowException:
+            continue  # released between our create and this read
+        age_s = time.time() - held.creation_timestamp / 1000
+        if age_s > stale_s:
+            log.warning("removing %s, left %.0f s ago by a publisher that did not finish", name, age_s)
+            client.delete_registered_model(name)
+        elif time.monotonic() > deadline:
+            raise TransientError(f"{name} has been held for {age_s:.0f} s by another publish of {model_name}; "
+                                 f"retry, or delete that registered model if no publish is running")
+        else:
+            time.sleep(1)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
 
 
 def describe(report: dict, client, parent: str | None) -> str:
@@ -214,13 +276,7 @@ def register(module, config, report: dict, params: PublishParams, saved: Path, v
         for key, value in version_tags.items():
             client.set_model_version_tag(params.model_name, version, key, value)
         client.update_model_version(params.model_name, version, description=describe(report, client, parent))
-        try:
-            current = client.get_model_version_by_alias(params.model_name, CHAMPION)
-        except MlflowException:
-            current = None
-        champion, best, basis = decide(accuracy, report, current)
-        if champion:
-            client.set_registered_model_alias(params.model_name, CHAMPION, version)
+        champion, current, best, basis = promote(client, params.model_name, version, accuracy, report)
     except MlflowException as exc:
         raise tracking.registry_error(exc, f"registering {params.model_name}") from exc
     return {"model_name": params.model_name, "model_version": int(version), "mlflow_run_id": run_id,
