@@ -357,9 +357,9 @@ def test_a_lock_left_by_a_publisher_that_died_is_removed_by_the_next(tmp_path):
     client.create_registered_model("m")
     client.create_model_version("m", source=str(tmp_path / "1"))
     client.create_registered_model(f"m{publish.LOCK_SUFFIX}")  # a publisher died holding it
-    with pytest.raises(publish.TransientError, match="held for .* delete that registered model"):
-        with publish.promotion_lock(client, "m", wait_s=1.5):
-            pass
+    with (pytest.raises(publish.TransientError, match=r"held for .* delete that registered model"),
+          publish.promotion_lock(client, "m", wait_s=1.5)):
+        pass
     with publish.promotion_lock(client, "m", stale_s=0.5):
         assert client.get_registered_model(f"m{publish.LOCK_SUFFIX}").creation_timestamp  # ours now
     moved, incumbent, _best, basis = publish.promote(client, "m", "1", 0.1, report={})
