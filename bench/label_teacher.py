@@ -138,7 +138,7 @@ def _sample_text(work: Path) -> str:
 
     sample = ROOT / "data" / "sample"
     extract(ExtractParams(input=str(sample / SAMPLE_DUMP_NAME), output=str(work / "articles")))
-    build_corpus(BuildCorpusParams(input=str(work / "articles"), output=str(work / "corpus"), train_shards=1,
+    build_corpus(BuildCorpusParams(input=[str(work / "articles")], output=str(work / "corpus"), train_shards=1,
                                    heldout_shards=0))
     return (work / "corpus" / "train" / "shard-00000.txt").read_text(encoding="utf-8")
 

@@ -15,11 +15,12 @@ stopped. Results: MLflow, one parent run per DAG run with a child run per step; 
 closing it are this DAG's setup and teardown, so a failed run closes it too.
 
 Two DAGs from one definition. `bert_distillation` has no schedule: a person triggers it from
-the form, and unpausing it starts nothing by itself. `bert_distillation_monthly` runs on the
-12th of each month (the 1st's dumps are finished by then) with the sizes the deployment sets
-(BERTDISTILL_MONTHLY_PARAMS, a JSON object over the form's defaults), never the form's; it
-is paused until an operator unpauses it, and a month with no new dump stops after
-`check_dump`.
+the form, and unpausing it starts nothing by itself. `bert_distillation_monthly` is the
+monthly refresh: it checks daily for a newer finished dump (a day with nothing new stops at
+`check_dump`), so each monthly dump is distilled once, within a day of finishing, with the
+sizes the deployment sets (BERTDISTILL_MONTHLY_PARAMS, a JSON object over the form's
+defaults), never the form's; it is paused until an operator unpauses it. "latest" means the
+newest dump finished at the run's own time, so a cleared run redoes the same dump.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def form(defaults: dict) -> dict[str, Param]:
         "max_dump_files": Param(d["max_dump_files"], type=["null", "integer"], minimum=1, title="Max dump files",
                                 section="Data", description="first N pages-articles files only (empty: all; "
                                 "enwiki has about 60, each about 400 MB compressed)"),
-        "train_shards": Param(d["train_shards"], type="integer", minimum=1, maximum=4096, title="Train shards",
+        "train_shards": Param(d["train_shards"], type="integer", minimum=1, maximum=1000, title="Train shards",
                               section="Data", description="text shards for training: each is one make-examples and "
-                              "one label-teacher task, run in parallel; more shards, smaller tasks"),
-        "heldout_shards": Param(d["heldout_shards"], type="integer", minimum=1, maximum=64,
+                              "one label-teacher task, run in parallel; more shards, smaller tasks (train + held-out "
+                              "shards at most Airflow's max_map_length, 1,024 by default)"),
+        "heldout_shards": Param(d["heldout_shards"], type="integer", minimum=1, maximum=24,
                                 title="Held-out shards", section="Data",
-                                description="shards kept out of training, for evaluate (about 1 in 5 documents)"),
+                                description="shards kept out of training, for evaluate (shards are equal shares "
+                                "of the documents: 1 of 8 + 1 holds about 11%)"),
         "max_seq_length": Param(d["max_seq_length"], type="integer", minimum=16, maximum=512,
                                 title="Sequence length", section="Examples",
                                 description="tokens per example; time per step grows about linearly up to 128 "
@@ -92,7 +95,8 @@ def form(defaults: dict) -> dict[str, Param]:
                             "= global batch"),
         "ranks": Param(d["ranks"], type="integer", minimum=1, maximum=256, title="Horovod ranks", section="Student",
                        description="training processes: GPUs of the MPIJob in Kubernetes, local processes in the "
-                       "embedded mode; the global batch stays the same at any count"),
+                       "embedded mode; the global batch stays the same at any count; at most Train shards "
+                       "(each rank reads its own)"),
         "control": Param(d["control"], type=["boolean", "null"], title="No-teacher control", section="Student",
                          description="also train the same student without the teacher (hard labels only, same "
                          "init, data and steps; doubles training time): the report then gives the distillation "
@@ -124,7 +128,7 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
             """Resolve the dump date; stop the run here if this dump was already distilled (unless force)."""
             from bertdistill.orchestration.tasks import check_dump
 
-            return check_dump(dict(context["params"]))
+            return check_dump(dict(context["params"]), as_of=context["dag_run"].run_after)
 
         @setup
         @task(multiple_outputs=True)
@@ -138,9 +142,17 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
 
         @task
         def dump_files(plan: dict) -> list[list[str]]:
-            from bertdistill.orchestration.tasks import extract_arguments
+            """One extract per file fetch_dump committed."""
+            from bertdistill.orchestration.tasks import dump_arguments
 
-            return extract_arguments(plan)
+            return dump_arguments(plan)["extract"]
+
+        @task
+        def corpus(plan: dict) -> list[str]:
+            """build_corpus over the articles of exactly those files."""
+            from bertdistill.orchestration.tasks import dump_arguments
+
+            return dump_arguments(plan)["build_corpus"]
 
         @task
         def example_shards(plan: dict) -> list[list[str]]:
@@ -186,7 +198,8 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
         fetch_dump = steps.single("fetch_dump", args["fetch_dump"])
         files = dump_files(plan)
         extract = steps.mapped("extract", files)
-        build_corpus = steps.single("build_corpus", args["build_corpus"])
+        corpus_args = corpus(plan)
+        build_corpus = steps.single("build_corpus", corpus_args)
         make_examples = steps.mapped("make_examples", example_shards(plan))
         fetch_teacher = steps.single("fetch_teacher", args["fetch_teacher"])
         needs_head = teacher_needs_head(plan)
@@ -197,7 +210,8 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
         evaluate = steps.single("evaluate", ready["evaluate"])
         publish = steps.single("publish", args["publish"])
 
-        fetch_dump >> files >> extract >> build_corpus >> make_examples
+        fetch_dump >> [files, corpus_args]
+        files >> extract >> build_corpus >> make_examples
         fetch_teacher >> make_examples >> needs_head >> [adapt, ready]
         adapt >> ready >> label >> distill >> evaluate >> publish >> close_tracking(args["parent_run_id"])
 
@@ -205,5 +219,5 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
 
 
 manual = distillation("bert_distillation", None, DEFAULTS)
-monthly = distillation("bert_distillation_monthly", "0 3 12 * *", DEFAULTS | SETTINGS.monthly_overrides(),
+monthly = distillation("bert_distillation_monthly", "0 3 * * *", DEFAULTS | SETTINGS.monthly_overrides(),
                        is_paused_upon_creation=True)

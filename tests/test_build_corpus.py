@@ -56,5 +56,23 @@ def test_split_is_stable_when_the_dump_grows(corpus, tmp_path):
 def test_no_articles_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("build-corpus", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "text"))
-    assert proc.returncode == 2 and "run extract first" in error_lines(proc)[0]
+    assert proc.returncode == 2 and "run extract on its dump file first" in error_lines(proc)[0]
     assert not (tmp_path / "text").exists()
+
+
+def test_several_article_folders_read_as_one_and_nothing_beside_them(corpus, tmp_path):
+    """The DAG passes one folder per selected dump file: the text is that of those files only,
+    whatever else lies in their parent (a full run's other files, seen from a trial)."""
+    with gzip.open(corpus / "articles" / "part-00000.jsonl.gz", "rt") as f:
+        lines = f.readlines()
+    for name, part in (("file1", lines[::2]), ("file2", lines[1::2]), ("file3", lines[:5])):
+        (tmp_path / "articles" / name).mkdir(parents=True)
+        with gzip.open(tmp_path / "articles" / name / "part-00000.jsonl.gz", "wt") as f:
+            f.writelines(part)
+    both = tmp_path / "both"
+    run_cli("build-corpus", "--input", str(tmp_path / "articles" / "file1"), str(tmp_path / "articles" / "file2"),
+            "--output", str(both), "--train-shards", "2", "--heldout-shards", "1", check=True)
+    for shard in sorted(both.glob("*/shard-*.txt")):
+        assert sorted(map(tuple, _docs(shard))) == sorted(map(tuple, _docs(corpus / "text" / shard.relative_to(both))))
+    manifest = json.loads((both / "_MANIFEST.json").read_text())
+    assert manifest["summary"]["documents"] == 105 and len(manifest["inputs"]) == 2

@@ -29,6 +29,8 @@ class DumpServer(http.server.ThreadingHTTPServer):
         self.cut_after: int | None = None
         self.cuts_left = 0
         self.ranges: list[str] = []
+        self.cut_only = ""  # cut only files whose name contains this
+        self.served: list[str] = []  # paths of dump files sent
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
@@ -61,7 +63,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if path.suffix == ".bz2" and server.cuts_left and server.cut_after is not None:
+        if path.suffix == ".bz2":
+            server.served.append(path.name)
+        if (path.suffix == ".bz2" and server.cuts_left and server.cut_after is not None
+                and server.cut_only in path.name):
             server.cuts_left -= 1
             self.wfile.write(body[: server.cut_after])
             self.wfile.flush()
@@ -174,3 +179,32 @@ def test_bad_parameters(mirror, tmp_path, args, message):
     assert proc.returncode == 2
     assert message in error_lines(proc)[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_fails_on_a_later_file_keeps_the_verified_ones_for_a_new_pod(server, mirror, tmp_path):
+    """Killed after file 1 of 2 (file 2 keeps breaking off): file 1 stays, and a rerun with an empty
+    scratch (a new pod) checks it against the sha1 and downloads only file 2."""
+    folder = mirror / "enwiki" / SAMPLE_DATE
+    second = FILE.replace("articles1.xml-p10p30302", "articles2.xml-p30303p40000")
+    shutil.copyfile(folder / FILE, folder / second)
+    status = json.loads((folder / "dumpstatus.json").read_text())
+    files = status["jobs"]["articlesdump"]["files"]
+    files[second] = dict(files[FILE])
+    (folder / "dumpstatus.json").write_text(json.dumps(status))
+    sums = folder / f"enwiki-{SAMPLE_DATE}-sha1sums.txt"
+    sums.write_text(sums.read_text() + f"{_sha1(folder / second)}  {second}\n")
+    server.cut_after, server.cuts_left, server.cut_only = 50_000, 100, "articles2"
+    out = tmp_path / "dumps"
+    first = run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+                    "--output", str(out), env=_scratch(tmp_path))
+    assert first.returncode == 1 and second in error_lines(first)[0]
+    kept = out / "enwiki" / SAMPLE_DATE
+    assert _sha1(kept / FILE) == _sha1(folder / FILE) and not (kept / second).exists()
+    assert not (kept / "_MANIFEST.json").exists()  # not done: one file is missing
+    server.cuts_left, server.served = 0, []
+    run_cli("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url,
+            "--output", str(out), env={"BERTDISTILL_SCRATCH": str(tmp_path / "new-pod")}, check=True)
+    assert server.served == [second]
+    manifest = json.loads((kept / "_MANIFEST.json").read_text())
+    assert sorted(manifest["outputs"]) == sorted([FILE, second])
+    assert _sha1(kept / second) == _sha1(folder / second)

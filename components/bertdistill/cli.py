@@ -48,7 +48,8 @@ def _extract(p: argparse.ArgumentParser) -> None:
 
 
 def _build_corpus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="articles folder URI (output of extract)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="articles folder URI(s) (extract's outputs, one per dump file): read these and only these")
     p.add_argument("--output", required=True, help="text folder URI; writes train/ and heldout/ shards")
     p.add_argument("--train-shards", type=_positive, default=8, help="number of train shards")
     p.add_argument("--heldout-shards", type=int, default=1, help="number of held-out shards (0 allowed)")

@@ -118,6 +118,11 @@ class OutputWriter:
         """Count a file committed by an earlier, interrupted run of the same work."""
         self.files[name] = {"bytes": self.folder.size(name), "sha256": self.folder.sha256(name), **meta}
 
+    def keep(self, name: str) -> None:
+        """Leave a committed file in place if the step fails: for files that are right on their own
+        (checked against a checksum their source published), so a rerun need not make them again."""
+        self.files.pop(name)
+
     def roll_back(self) -> None:
         for name in self.files:
             self.folder.delete(name)
@@ -178,9 +183,12 @@ def run_step(
     started = time.monotonic()
     try:
         wanted.summary = work(writer)
-    except BaseException:
-        writer.roll_back()
-        raise
+    except BaseException as failure:
+        try:
+            writer.roll_back()
+        except Exception as cleanup:  # the step's own failure is what the error line must name
+            log.warning("%s: removing the outputs of the failed run also failed: %s", step, cleanup)
+        raise failure
     wanted.outputs = writer.files
     wanted.seconds = round(time.monotonic() - started, 3)
     wanted.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

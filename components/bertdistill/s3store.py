@@ -7,7 +7,12 @@ final key from a local scratch file, carrying their sha256 in the object metadat
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.client
+import io
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +20,26 @@ from typing import BinaryIO
 
 from bertdistill.errors import StepError, TransientError
 from bertdistill.store import TEMP_MARK, Folder, scratch_dir
+
+log = logging.getLogger(__name__)
+READ_CHUNK = 1 << 20
+READ_ATTEMPTS = 6
+
+
+@functools.cache
+def _broken_stream_errors() -> tuple[type[BaseException], ...]:
+    """What a body read raises when its connection breaks (botocore wraps some, not all)."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
+
+    return (ConnectionError, TimeoutError, http.client.IncompleteRead, ProtocolError, Urllib3ReadTimeout,
+            ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 
 
 class S3Folder(Folder):
@@ -75,13 +100,21 @@ class S3Folder(Folder):
         return sorted(names)
 
     def open_read(self, name: str) -> BinaryIO:
+        """A buffered stream of the object that resumes where it broke off (see ResumingBody)."""
+        return io.BufferedReader(ResumingBody(self, name), buffer_size=READ_CHUNK)
+
+    def get_object(self, name: str, **kwargs) -> dict:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name), **kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey"):
                 raise StepError(f"{self.child_uri(name)} does not exist: check the URI") from None
+            if code in ("412", "PreconditionFailed"):
+                raise TransientError(f"{self.child_uri(name)} was replaced while it was being read; "
+                                     "a retry reads the new one whole") from None
             raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
         except Exception as exc:
             raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
@@ -118,7 +151,68 @@ class S3Folder(Folder):
         self._call(f"opening {self.uri}", self.client.head_bucket, Bucket=self.bucket)
 
     def remove_stale_temps(self, only: str | None = None) -> None:
-        """Interrupted uploads never become objects, so there is nothing to clean on S3."""
+        """Abort multipart uploads an interrupted run left behind (they never became objects, but the
+        server keeps their parts). Only `only`'s when one task writes one file of a shared folder,
+        so the uploads of the tasks writing its other files are left alone."""
+        prefix = self._key(only) if only else (f"{self.prefix}/" if self.prefix else "")
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in self._call(f"listing unfinished uploads under {self.uri}", list, pages):
+            for upload in page.get("Uploads", []):
+                if only and upload["Key"] != prefix:
+                    continue
+                log.info("aborting the unfinished upload of s3://%s/%s left by an earlier run", self.bucket,
+                         upload["Key"])
+                self._call(f"aborting the unfinished upload of s3://{self.bucket}/{upload['Key']}",
+                           self.client.abort_multipart_upload, Bucket=self.bucket, Key=upload["Key"],
+                           UploadId=upload["UploadId"])
+
+
+class ResumingBody(io.RawIOBase):
+    """An object's bytes; when the connection resets or the server stops mid-stream, reading goes
+    on from the byte reached (a Range request, If-Match the first answer's ETag, so a replaced
+    object is never spliced onto the old one). botocore retries failed requests, but not a
+    stream that breaks after its headers arrived: without this, a reset while build-corpus reads
+    an article part kills the step, and a server that stops mid-read looks like a corrupt file."""
+
+    def __init__(self, folder: S3Folder, name: str, attempts: int = READ_ATTEMPTS):
+        super().__init__()
+        self.folder, self.name, self.attempts = folder, name, attempts
+        first = folder.get_object(name)
+        self.length, self.etag, self.body, self.offset = int(first["ContentLength"]), first["ETag"], first["Body"], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.offset >= self.length:
+            return 0
+        for attempt in range(1, self.attempts + 1):
+            try:
+                data = self.body.read(min(len(buffer), self.length - self.offset))
+                if not data:
+                    raise ConnectionError("the stream ended early")
+                buffer[: len(data)] = data
+                self.offset += len(data)
+                return len(data)
+            except _broken_stream_errors() as exc:
+                error = exc
+            uri = self.folder.child_uri(self.name)
+            log.warning("reading %s broke off at byte %d of %d (%s); resuming (%d/%d)", uri, self.offset,
+                        self.length, error, attempt, self.attempts)
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8))
+            try:
+                self.body.close()
+                self.body = self.folder.get_object(self.name, Range=f"bytes={self.offset}-", IfMatch=self.etag)["Body"]
+            except TransientError as exc:  # the endpoint is down: try again after the next pause
+                error = exc
+        raise TransientError(f"reading {self.folder.child_uri(self.name)}: the connection broke off at byte "
+                             f"{self.offset:,} of {self.length:,} and {self.attempts} resumes failed ({error}); "
+                             "a retry may pass")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
 
 
 def s3_client():

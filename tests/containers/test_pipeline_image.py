@@ -112,8 +112,9 @@ def _steps(plan: dict, settings) -> list:
     from bertdistill.orchestration import tasks
 
     steps = [("fetch_dump", planning.fetch_dump_args(plan, settings.mirror))]
-    steps.append(("extract", lambda: tasks.extract_arguments(plan)))
-    steps += [("build_corpus", planning.build_corpus_args(plan)), ("fetch_teacher", planning.fetch_teacher_args(plan))]
+    steps.append(("extract", lambda: tasks.dump_arguments(plan)["extract"]))
+    steps.append(("build_corpus", lambda: tasks.dump_arguments(plan)["build_corpus"]))
+    steps.append(("fetch_teacher", planning.fetch_teacher_args(plan)))
     steps.append(("make_examples", lambda: tasks.make_examples_arguments(plan)))
     steps.append(("adapt_teacher", planning.adapt_teacher_args(plan)))
     steps.append(("label_teacher", lambda: planning.label_teacher_args(plan, plan["adapted_teacher"])))
@@ -158,7 +159,7 @@ def pipeline_runs(images, served, mlflow_server, seaweed, kubeconfig, tmp_path_f
     s3_store = f"s3://bertdistill-test/pods-{time.time_ns()}"
     secrets = {"bertdistill-s3": {k: v for k, v in seaweed.items() if k.startswith("AWS_")}}
     saved = {k: os.environ.get(k) for k in seaweed}
-    os.environ.update(seaweed)  # the DAG's own tasks (extract_arguments) read manifests from the store
+    os.environ.update(seaweed)  # the DAG's own tasks (dump_arguments) read manifests from the store
     try:
         pods, local = [], []
         for store, in_pods in ((s3_store, True), (str(root / "local"), False)):

@@ -69,7 +69,7 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
     # The form's DAG never starts a run by itself; the monthly one starts paused.
     assert out["dag_ids"] == ["bert_distillation", "bert_distillation_monthly"]
     assert out["schedule"] == "None"
-    assert out["monthly_schedule"] == "0 3 12 * *" and out["monthly_paused"] is True
+    assert out["monthly_schedule"] == "0 3 * * *" and out["monthly_paused"] is True
     # MLflow tracking opens in a setup task and closes in its teardown, whatever fails between.
     assert out["setup"] == ["prepare"] and out["teardown"] == {"close_tracking": ["prepare"]}
     steps = ["fetch_dump", "extract", "build_corpus", "make_examples", "fetch_teacher", "adapt_teacher",

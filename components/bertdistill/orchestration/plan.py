@@ -2,9 +2,13 @@
 
 Pure functions of (params, settings, the dump date), so the same plan comes out of the DAG,
 a test or a rerun, and a rerun finds the outputs of the first (resume = the steps' own
-manifests). The layout is DESIGN.md's, with one difference: a student's folder is keyed by
-a hash of the settings that shape it rather than by an MLflow run id, so a retriggered run
-finds the half-trained student of the killed one and resumes it.
+manifests). The layout is DESIGN.md's, with two differences. Every folder below the
+articles is keyed by everything that shapes it: text by the dump files and shard counts
+(`text/<corpus key>`), examples, the adapted teacher and labels also by sequence length,
+masked positions and dupe factor, so a trial on part of a dump or with other settings never
+shares a folder with the full run (and never leaves shards a later run would read). And a
+student's folder is keyed by a hash of the settings that shape it rather than by an MLflow
+run id, so a retriggered run finds the half-trained student of the killed one and resumes it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,35 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def full_params(params: dict[str, Any]) -> dict[str, Any]:
+MAX_MAP_LENGTH = 1024  # Airflow's [core] max_map_length default: most tasks one mapped task may expand to
+
+
+def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) -> dict[str, Any]:
+    """The form's values over the defaults, refused when they cannot run (before any step starts)."""
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown params {', '.join(unknown)}; the form has {', '.join(DEFAULTS)}")
-    return {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    shards = p["train_shards"] + p["heldout_shards"]
+    if shards > max_map_length:
+        raise ValueError(f"train_shards + heldout_shards = {shards}: make_examples and label_teacher would each "
+                         f"expand to {shards} tasks, over Airflow's max_map_length of {max_map_length}; use fewer "
+                         "shards (or raise [core] max_map_length)")
+    if p["ranks"] > p["train_shards"]:
+        raise ValueError(f"ranks = {p['ranks']} but train_shards = {p['train_shards']}: every Horovod rank reads "
+                         "its own train shards, so use at most as many ranks as train shards")
+    return p
+
+
+def corpus_key(p: dict[str, Any]) -> str:
+    """What shapes the text shards: which dump files, and how many train and held-out shards."""
+    files = f"first{p['max_dump_files']}" if p["max_dump_files"] else "all"
+    return f"{files}-{p['train_shards']}-{p['heldout_shards']}"
+
+
+def examples_key(p: dict[str, Any]) -> str:
+    """What shapes the examples made from those shards, below the corpus key."""
+    return f"{corpus_key(p)}/{p['max_seq_length']}-{p['max_predictions_per_seq']}-{p['dupe_factor']}"
 
 
 def _join(root: str, *parts: str) -> str:
@@ -48,9 +76,10 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     run = _join(root, "runs", f"{p['wiki']}-{date}")
     teacher_source = p["teacher"] or settings.teacher
     teacher_name = teacher_source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip")
-    examples = _join(run, "examples", f"{p['max_seq_length']}-{p['max_predictions_per_seq']}-{p['dupe_factor']}")
+    examples = _join(run, "examples", examples_key(p))
     teacher = _join(root, "teachers", teacher_name)
-    adapted = _join(run, "teachers", f"{teacher_name}-adapted-{p['adapt_steps']}-lr{p['adapt_learning_rate']:g}")
+    adapted = _join(run, "teachers", examples_key(p),
+                    f"{teacher_name}-adapted-{p['adapt_steps']}-lr{p['adapt_learning_rate']:g}")
     student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
     student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
@@ -60,7 +89,7 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     return {
         "params": p, "date": date, "run": run, "dumps": _join(root, "dumps"),
         "dump_folder": _join(root, "dumps", p["wiki"], date), "articles": _join(run, "articles"),
-        "text": _join(run, "text"), "examples": examples, "teacher_source": teacher_source,
+        "text": _join(run, "text", corpus_key(p)), "examples": examples, "teacher_source": teacher_source,
         "model_name": model_name,
         "teacher": teacher, "adapted_teacher": adapted,
         "student": student, "report": _join(student, "report"), "published": _join(student, "savedmodel", MANIFEST),
@@ -68,7 +97,8 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
 
 
 def labels_folder(plan: dict[str, Any], teacher: str) -> str:
-    return _join(plan["run"], "labels", f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{plan['params']['top_k']}")
+    return _join(plan["run"], "labels", examples_key(plan["params"]),
+                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{plan['params']['top_k']}")
 
 
 # -- arguments of each step (after `bertdistill`) ---------------------------------------------
@@ -83,13 +113,18 @@ def fetch_dump_args(plan: dict, mirror: str) -> list[str]:
 def extract_args(plan: dict, dump_files: list[str]) -> list[list[str]]:
     """One extract per dump file, each into its own articles/<file>/ folder."""
     return [["extract", "--input", _join(plan["dump_folder"], name),
-             "--output", _join(plan["articles"], name.split(".xml")[0]), *_force(plan)] for name in dump_files]
+             "--output", articles_folder(plan, name), *_force(plan)] for name in dump_files]
 
 
-def build_corpus_args(plan: dict) -> list[str]:
+def articles_folder(plan: dict, dump_file: str) -> str:
+    return _join(plan["articles"], dump_file.split(".xml")[0])
+
+
+def build_corpus_args(plan: dict, dump_files: list[str]) -> list[str]:
+    """The articles of these dump files only: a trial on the first N never reads the full run's others."""
     p = plan["params"]
-    return ["build-corpus", "--input", plan["articles"], "--output", plan["text"], "--train-shards",
-            str(p["train_shards"]), "--heldout-shards", str(p["heldout_shards"]), *_force(plan)]
+    return ["build-corpus", "--input", *[articles_folder(plan, n) for n in dump_files], "--output", plan["text"],
+            "--train-shards", str(p["train_shards"]), "--heldout-shards", str(p["heldout_shards"]), *_force(plan)]
 
 
 def text_shards(plan: dict) -> list[str]:

@@ -33,13 +33,20 @@ def tracking_env(settings: Settings) -> None:
                        if k.startswith("MLFLOW_") or k == tracking.ARTIFACTS_ENV})
 
 
-def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict | bool:
-    """The plan, or False when this dump was already distilled with these settings (and force is off)."""
+def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: datetime | None = None
+               ) -> dict | bool:
+    """The plan, or False when this dump was already distilled with these settings (and force is off).
+
+    `as_of` is the run's own time (Airflow's run_after, kept when the run is cleared): "latest"
+    means the newest dump finished by then, so a rerun redoes the same dump. It is also what
+    makes the daily schedule cheap: a day with no new dump resolves to a dump already
+    published and stops here, after one listing of the mirror and one manifest read.
+    """
     from bertdistill.steps.fetch_dump import Mirror, resolve_date
 
     settings = settings or Settings.load()
-    p = planning.full_params(params)
-    date, _ = resolve_date(Mirror(settings.mirror), p["wiki"], p["date"])
+    p = planning.full_params(params, max_map_length())
+    date, _ = resolve_date(Mirror(settings.mirror), p["wiki"], p["date"], as_of)
     plan = planning.make_plan(p, settings, date)
     folder, _, name = plan["published"].rpartition("/")
     published = _manifest(folder, name)
@@ -49,6 +56,15 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None) -> dict
         return False
     log.info("plan: %s %s -> %s", p["wiki"], date, plan["run"])
     return plan
+
+
+def max_map_length() -> int:
+    """This deployment's [core] max_map_length (Airflow's default outside Airflow)."""
+    try:
+        from airflow.configuration import conf
+    except ImportError:
+        return planning.MAX_MAP_LENGTH
+    return conf.getint("core", "max_map_length", fallback=planning.MAX_MAP_LENGTH)
 
 
 def run_name(plan: dict, run_type: str, started: datetime) -> str:
@@ -73,7 +89,6 @@ def prepare(plan: dict, run_id: str, dag_id: str = "bert_distillation", run_type
         "parent_run_id": parent,
         "ranks": plan["params"]["ranks"],
         "fetch_dump": planning.fetch_dump_args(plan, settings.mirror),
-        "build_corpus": planning.build_corpus_args(plan),
         "fetch_teacher": planning.fetch_teacher_args(plan),
         "adapt_teacher": planning.adapt_teacher_args(plan),
         "publish": planning.publish_args(plan),
@@ -85,13 +100,14 @@ def make_examples_arguments(plan: dict) -> list[list[str]]:
     return planning.make_examples_args(plan, f"{plan['teacher']}/vocab.txt")
 
 
-def extract_arguments(plan: dict) -> list[list[str]]:
-    """One extract per file fetch-dump committed (its manifest lists them)."""
+def dump_arguments(plan: dict) -> dict[str, Any]:
+    """One extract per file fetch-dump committed (its manifest lists them), and build-corpus over
+    exactly their articles."""
     manifest = _manifest(plan["dump_folder"])
     if manifest is None:
         raise RuntimeError(f"{plan['dump_folder']} has no manifest: fetch_dump did not finish")
     names = sorted(n for n in manifest.outputs if ".xml" in n)
-    return planning.extract_args(plan, names)
+    return {"extract": planning.extract_args(plan, names), "build_corpus": planning.build_corpus_args(plan, names)}
 
 
 def teacher_has_mlm_head(plan: dict) -> bool:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildCorpusParams:
-    input: str
+    input: list[str]  # article folders: the DAG passes one per dump file it selected, never a parent of others
     output: str
     train_shards: int = 8
     heldout_shards: int = 1
@@ -65,10 +65,14 @@ def run(params: BuildCorpusParams) -> Manifest:
     if params.train_shards < 1 or params.heldout_shards < 0:
         raise StepError(f"--train-shards must be >= 1 and --heldout-shards >= 0 (got {params.train_shards}, "
                         f"{params.heldout_shards})")
-    articles = open_folder(params.input)
-    parts = [n for n in articles.list() if n.endswith(".jsonl.gz") and not is_manifest(n)]
-    if not parts:
-        raise StepError(f"{params.input} holds no part-*.jsonl.gz articles: run extract first")
+    inputs = [params.input] if isinstance(params.input, str) else list(params.input)
+    parts = []  # (folder, part name), in the order given
+    for uri in inputs:
+        folder = open_folder(uri)
+        found = [n for n in folder.list() if n.endswith(".jsonl.gz") and not is_manifest(n)]
+        if not found:
+            raise StepError(f"{uri} holds no part-*.jsonl.gz articles: run extract on its dump file first")
+        parts += [(folder, n) for n in found]
     output = open_folder(params.output)
     fingerprint = {"schema": 1, "train_shards": params.train_shards, "heldout_shards": params.heldout_shards,
                    "language": params.language, "min_sentence_chars": params.min_sentence_chars}
@@ -82,7 +86,7 @@ def run(params: BuildCorpusParams) -> Manifest:
         with ExitStack() as stack:
             pending = {n: stack.enter_context(writer.write(n)) for n in names}
             files = {n: stack.enter_context(open(p.path, "w", encoding="utf-8")) for n, p in pending.items()}
-            for part in parts:
+            for articles, part in parts:
                 with articles.open_read(part) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
                     for line in lines:
                         article = json.loads(line)
@@ -106,4 +110,5 @@ def run(params: BuildCorpusParams) -> Manifest:
               f"{progress.elapsed:.1f} s -> {output.uri}")
         return {"documents": documents, "sentences": sentences, "heldout_documents": heldout}
 
-    return run_step("build-corpus", fingerprint, {"articles": params.input}, output, work, force=params.force)
+    roles = {"articles": inputs[0]} if len(inputs) == 1 else {f"articles[{i}]": u for i, u in enumerate(inputs)}
+    return run_step("build-corpus", fingerprint, roles, output, work, force=params.force)

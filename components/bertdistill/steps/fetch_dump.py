@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -101,11 +102,22 @@ class Mirror:
         return sorted({n for n in names if DATE.match(n)}, reverse=True)
 
 
-def resolve_date(mirror: Mirror, wiki: str, date: str) -> tuple[str, dict]:
-    """The dump date to fetch and its dumpstatus.json; 'latest' is the newest finished one."""
-    candidates = [date] if date != "latest" else mirror.list_dates(wiki)[:6]
+def resolve_date(mirror: Mirror, wiki: str, date: str, as_of: datetime | None = None) -> tuple[str, dict]:
+    """The dump date to fetch and its dumpstatus.json; 'latest' is the newest finished one.
+
+    With `as_of` (a pipeline run's logical time), 'latest' is the newest dump that was finished
+    at that time (its articles job's `updated` stamp, UTC), so a cleared or retried run
+    distills the dump it distilled the first time, even after a newer one appeared.
+    """
+    candidates = [date] if date != "latest" else mirror.list_dates(wiki)
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    if as_of is not None and date == "latest":
+        candidates = [c for c in candidates if c <= f"{as_of:%Y%m%d}"]
+    candidates = candidates[:6]
     if not candidates:
-        raise StepError(f"no dump dates listed for {wiki!r} at {mirror.url(wiki)}/: check --wiki and --mirror")
+        raise StepError(f"no dump dates listed for {wiki!r} at {mirror.url(wiki)}/"
+                        + (f" on or before {as_of:%Y-%m-%d}" if as_of else "") + ": check --wiki and --mirror")
     for candidate in candidates:
         try:
             status = json.loads(mirror.read(wiki, candidate, "dumpstatus.json"))
@@ -117,13 +129,24 @@ def resolve_date(mirror: Mirror, wiki: str, date: str) -> tuple[str, dict]:
         except ValueError as exc:
             raise StepError(f"{mirror.url(wiki, candidate, 'dumpstatus.json')} is not valid JSON: {exc}") from None
         job = status.get("jobs", {}).get("articlesdump", {})
-        if job.get("status") == "done" and job.get("files"):
+        if job.get("status") == "done" and job.get("files") and _finished_by(job, as_of if date == "latest" else None):
             return candidate, status
         if date != "latest":
             raise StepError(f"dump {wiki}/{candidate} is not finished (articlesdump status "
                             f"{job.get('status')!r}); pick another --date or use latest")
     raise StepError(f"none of the newest dumps of {wiki} ({', '.join(candidates)}) has a finished "
                     "articles dump yet; try again later or name an older --date")
+
+
+def _finished_by(job: dict, as_of: datetime | None) -> bool:
+    """Whether a finished job was finished at `as_of` (no stamp: yes, its date already passed)."""
+    if as_of is None or not job.get("updated"):
+        return True
+    try:
+        updated = datetime.strptime(job["updated"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return True
+    return updated <= as_of
 
 
 def _file_order(name: str) -> tuple[int, str]:
@@ -163,12 +186,24 @@ def run(params: FetchDumpParams) -> Manifest:
 
     def work(writer: OutputWriter) -> dict:
         started, total = time.monotonic(), 0
-        for name in files:
-            size = status["jobs"]["articlesdump"]["files"][name].get("size")
-            _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer,
-                               int(size) if size is not None else None)
-            writer.note(name, sha1=sums[name])
-            total += writer.files[name]["bytes"]
+        try:
+            for name in files:
+                size = status["jobs"]["articlesdump"]["files"][name].get("size")
+                size = int(size) if size is not None else None
+                if _already_verified(output, name, sums[name], size):
+                    log.info("fetch-dump: %s is already in %s with its sha1; not downloaded again", name, output.uri)
+                    writer.adopt(name)
+                else:
+                    _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer,
+                                       size)
+                writer.note(name, sha1=sums[name])
+                total += writer.files[name]["bytes"]
+        except BaseException:
+            # A file that matched the dump's own sha1 is right whatever happens next: keep it, so
+            # the rerun (a retry, maybe in a new pod with an empty scratch) downloads only the rest.
+            for name in list(writer.files):
+                writer.keep(name)
+            raise
         seconds = time.monotonic() - started
         print(f"fetch-dump: {params.wiki} {date}: {len(files)} file(s), {total / 1e6:.1f} MB verified "
               f"in {seconds:.1f} s -> {output.uri}")
@@ -177,6 +212,18 @@ def run(params: FetchDumpParams) -> Manifest:
     fingerprint = {k: v for k, v in asdict(params).items() if k in ("wiki", "max_files")}
     fingerprint.update(date=date, sha1=[sums[f] for f in files])
     return run_step("fetch-dump", fingerprint, {}, output, work, force=params.force)
+
+
+def _already_verified(output, name: str, sha1: str, size: int | None) -> bool:
+    """Whether an earlier, failed run left this file complete under its final name (read back and
+    checked against the dump's sha1: reading the store is much cheaper than the mirror)."""
+    if not output.exists(name) or (size is not None and output.size(name) != size):
+        return False
+    digest = hashlib.sha1()
+    with output.open_read(name) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == sha1
 
 
 def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: str, dest_uri: str,

@@ -1,0 +1,87 @@
+"""The run plan and the dump it resolves: pure functions, tested in-process on handwritten inputs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from bertdistill.orchestration import plan as planning
+from bertdistill.orchestration.settings import Settings
+from bertdistill.steps.fetch_dump import Mirror, resolve_date
+
+SETTINGS = Settings(store="s3://bucket/bd", teacher="s3://bucket/src/minilm")
+FULL = {"train_shards": 8, "heldout_shards": 1}
+TRIAL = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1}
+FOLDERS = ("text", "examples", "adapted_teacher", "student")
+
+
+def test_a_trial_on_part_of_a_dump_shares_no_folder_with_the_full_run():
+    full = planning.make_plan(FULL, SETTINGS, "20261101")
+    trial = planning.make_plan(TRIAL, SETTINGS, "20261101")
+    for key in FOLDERS:
+        assert full[key] != trial[key], key
+        assert not full[key].startswith(trial[key] + "/") and not trial[key].startswith(full[key] + "/"), key
+    assert planning.labels_folder(full, full["teacher"]) != planning.labels_folder(trial, trial["teacher"])
+    assert full["published"] != trial["published"]  # the trial's publish never marks the full run done
+    assert full["model_name"] == trial["model_name"]  # the same kind of student: they compete for the champion
+    assert full["text"].endswith("/text/all-8-1") and trial["text"].endswith("/text/first1-2-1")
+
+
+@pytest.mark.parametrize("change", [{"max_seq_length": 64}, {"max_predictions_per_seq": 10}, {"dupe_factor": 2}])
+def test_every_example_setting_keys_the_examples_labels_and_student(change):
+    base = planning.make_plan(FULL, SETTINGS, "20261101")
+    other = planning.make_plan(FULL | change, SETTINGS, "20261101")
+    assert base["text"] == other["text"]  # the text shards do not depend on it
+    for key in ("examples", "adapted_teacher", "student"):
+        assert base[key] != other[key], key
+    assert planning.labels_folder(base, base["teacher"]) != planning.labels_folder(other, other["teacher"])
+
+
+def test_build_corpus_reads_only_the_articles_of_the_selected_dump_files():
+    plan = planning.make_plan(TRIAL, SETTINGS, "20261101")
+    args = planning.build_corpus_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
+    inputs = args[args.index("--input") + 1: args.index("--output")]
+    assert inputs == [f"{plan['articles']}/enwiki-20261101-pages-articles1"]
+    [extract] = planning.extract_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
+    assert extract[extract.index("--output") + 1] == inputs[0]  # what extract wrote, and only that
+
+
+def test_shard_counts_over_the_mapped_task_limit_are_refused_before_any_task():
+    with pytest.raises(ValueError, match=r"= 1025: .* 1025 tasks, over Airflow's max_map_length of 1024") as exc:
+        planning.full_params({"train_shards": 1000, "heldout_shards": 25})
+    assert "train_shards + heldout_shards" in str(exc.value)
+    assert planning.full_params({"train_shards": 1000, "heldout_shards": 24})["train_shards"] == 1000
+    with pytest.raises(ValueError, match="max_map_length of 8"):
+        planning.full_params({"train_shards": 8, "heldout_shards": 1}, max_map_length=8)
+
+
+def test_more_ranks_than_train_shards_are_refused():
+    with pytest.raises(ValueError, match=r"ranks = 4 but train_shards = 2: .* at most as many ranks"):
+        planning.full_params({"train_shards": 2, "ranks": 4})
+    assert planning.full_params({"train_shards": 4, "ranks": 4})["ranks"] == 4
+
+
+def _dump(root, date: str, status: str, updated: str | None) -> None:
+    folder = root / "enwiki" / date
+    folder.mkdir(parents=True)
+    job = {"status": status, "files": {f"enwiki-{date}-pages-articles.xml.bz2": {}}}
+    if updated:
+        job["updated"] = updated
+    (folder / "dumpstatus.json").write_text(json.dumps({"jobs": {"articlesdump": job}}))
+
+
+def test_latest_is_the_newest_dump_finished_at_the_runs_own_time(tmp_path):
+    """A run on 2 Nov (before the November dump finished) and the same run cleared on 20 Nov
+    both distill October's; a run on 20 Nov distills November's."""
+    _dump(tmp_path, "20261001", "done", "2026-10-04 10:00:00")
+    _dump(tmp_path, "20261101", "done", "2026-11-04 09:30:00")
+    _dump(tmp_path, "20261120", "in-progress", None)
+    mirror = Mirror(str(tmp_path))
+    assert resolve_date(mirror, "enwiki", "latest", datetime(2026, 11, 2, 3, tzinfo=UTC))[0] == "20261001"
+    assert resolve_date(mirror, "enwiki", "latest", datetime(2026, 11, 4, 9, 29, tzinfo=UTC))[0] == "20261001"
+    assert resolve_date(mirror, "enwiki", "latest", datetime(2026, 11, 4, 9, 30, tzinfo=UTC))[0] == "20261101"
+    assert resolve_date(mirror, "enwiki", "latest", datetime(2026, 11, 20, 3))[0] == "20261101"  # naive = UTC
+    assert resolve_date(mirror, "enwiki", "latest")[0] == "20261101"  # no time: the newest finished now
+    assert resolve_date(mirror, "enwiki", "20261001", datetime(2026, 9, 1, tzinfo=UTC))[0] == "20261001"  # named
