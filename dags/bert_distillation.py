@@ -89,7 +89,9 @@ def form(defaults: dict) -> dict[str, Param]:
                                 "spaced teacher layers; time per step is about proportional"),
         "train_steps": Param(d["train_steps"], type="integer", minimum=1, maximum=10_000_000, title="Train steps",
                              section="Student", description="optimizer steps of the student (about 0.75 s per step "
-                             "of 32 x 64 tokens for 3 x 384 on 2 CPU cores); the control trains as many"),
+                             "of 32 x 64 tokens for 3 x 384 on 2 CPU cores); the control trains as many. The "
+                             "teacher labels only what training reads: train steps x batch size x ranks examples, "
+                             "spread over the train shards"),
         "batch_size": Param(d["batch_size"], type="integer", minimum=1, maximum=4096, title="Batch size",
                             section="Student", description="examples per micro-batch and rank; ranks x batch size "
                             "= global batch"),

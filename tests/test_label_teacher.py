@@ -184,3 +184,28 @@ def test_teacher_steps_on_s3(s3_env, s3_prefix, tmp_path, sample, tiny_teacher, 
             env=env, check=True)
     assert store.read_bytes(f"labels/{labelled.name}") == labelled.read_bytes()
     assert not any(p.is_file() for p in (tmp_path / "scratch").rglob("*")), "staged copies are cleaned up"
+
+
+def test_max_examples_labels_the_first_n_and_says_so(labelled, small_examples, tiny_teacher, tmp_path):
+    from bertdistill.tfrecord import read_records
+
+    out = tmp_path / "first" / "shard-00000.tfrecord"
+    run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(small_examples), "--output", str(out),
+            "--top-k", "10", "--max-examples", "100", check=True)
+    with open(out, "rb") as f:
+        first = list(read_records(f))
+    with open(labelled, "rb") as f:
+        full = list(read_records(f))
+    assert len(first) == 100 < len(full)
+    # The same examples in the same order; the first batch (64, the same shape) byte for byte; the
+    # last batch of 36 runs other kernels, so its float labels may differ in the last bits.
+    assert first[:64] == full[:64]
+    from bertdistill.records import LABEL_FEATURE
+    from bertdistill.tfrecord import decode_example
+
+    for a, b in zip(first, full, strict=False):
+        da, db = decode_example(a), decode_example(b)
+        assert {k: str(v) for k, v in da.items() if k != LABEL_FEATURE.decode()} == {
+            k: str(v) for k, v in db.items() if k != LABEL_FEATURE.decode()}
+    manifest = json.loads((out.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())
+    assert manifest["outputs"]["shard-00000.tfrecord"]["records"] == 100 and manifest["params"]["max_examples"] == 100

@@ -85,3 +85,16 @@ def test_latest_is_the_newest_dump_finished_at_the_runs_own_time(tmp_path):
     assert resolve_date(mirror, "enwiki", "latest", datetime(2026, 11, 20, 3))[0] == "20261101"  # naive = UTC
     assert resolve_date(mirror, "enwiki", "latest")[0] == "20261101"  # no time: the newest finished now
     assert resolve_date(mirror, "enwiki", "20261001", datetime(2026, 9, 1, tzinfo=UTC))[0] == "20261001"  # named
+
+
+def test_the_teacher_labels_what_distill_and_evaluate_read_and_no_more():
+    p = {"train_shards": 8, "heldout_shards": 1, "train_steps": 1000, "batch_size": 32, "ranks": 3}
+    plan = planning.make_plan(p, SETTINGS, "20261101")
+    args = planning.label_teacher_args(plan, plan["teacher"])
+    caps = {a[a.index("--input") + 1].rsplit("/", 2)[-2]: int(a[a.index("--max-examples") + 1]) for a in args}
+    # 3 ranks split 8 shards 3/3/2: the 2-shard group reads 1000 x 32 / 2 = 16,000 examples of each
+    assert caps == {"train": 16_000, "heldout": 50_000}
+    assert planning.labels_folder(plan, plan["teacher"]).endswith("/minilm-k10-n16000")
+    more = planning.make_plan(p | {"train_steps": 2000}, SETTINGS, "20261101")
+    assert planning.labels_folder(more, more["teacher"]) != planning.labels_folder(plan, plan["teacher"])
+    assert planning.make_plan(p | {"ranks": 2}, SETTINGS, "20261101")["student"] != plan["student"]

@@ -80,7 +80,7 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     teacher = _join(root, "teachers", teacher_name)
     adapted = _join(run, "teachers", examples_key(p),
                     f"{teacher_name}-adapted-{p['adapt_steps']}-lr{p['adapt_learning_rate']:g}")
-    student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size")}
+    student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
     student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
     # one registered model per kind of student: only like students (same wiki, teacher, shape and
@@ -96,9 +96,17 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str
     }
 
 
+def train_labels_per_shard(p: dict[str, Any]) -> int:
+    """How many examples of each train shard distill will read: train steps x global batch over the
+    shards of one Horovod group (ranks groups split the shards; the smallest group has
+    train_shards // ranks of them). Labelling more would be teacher time nobody trains on."""
+    return -(-p["train_steps"] * p["batch_size"] // (p["train_shards"] // p["ranks"]))
+
+
 def labels_folder(plan: dict[str, Any], teacher: str) -> str:
-    return _join(plan["run"], "labels", examples_key(plan["params"]),
-                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{plan['params']['top_k']}")
+    p = plan["params"]
+    return _join(plan["run"], "labels", examples_key(p),
+                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{p['top_k']}-n{train_labels_per_shard(p)}")
 
 
 # -- arguments of each step (after `bertdistill`) ---------------------------------------------
@@ -154,9 +162,14 @@ def adapt_teacher_args(plan: dict) -> list[str]:
 
 
 def label_teacher_args(plan: dict, teacher: str) -> list[list[str]]:
+    """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads."""
+    from bertdistill.steps.evaluate import EvaluateParams
+
     labels = labels_folder(plan, teacher)
+    cap = {"train": train_labels_per_shard(plan["params"]), "heldout": EvaluateParams.max_examples}
     return [["label-teacher", "--teacher", teacher, "--input", _join(plan["examples"], f"{s}.tfrecord"),
-             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan["params"]["top_k"]), *_force(plan)]
+             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan["params"]["top_k"]),
+             "--max-examples", str(cap[s.split("/")[0]]), *_force(plan)]
             for s in text_shards(plan)]
 
 

@@ -47,7 +47,7 @@ class EvaluateParams:
     champion: str | None = None  # registered model name: its champion is scored too
     top_k: int = 10
     batch_size: int = 64
-    max_examples: int = 0  # 0: all
+    max_examples: int = 50_000  # 0: all; bounded by default, whatever the dump's size
     latency_batch: int = 32
     force: bool = False
 

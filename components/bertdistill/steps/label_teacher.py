@@ -39,6 +39,7 @@ class LabelTeacherParams:
     output: str
     top_k: int = 10
     batch_size: int = 64
+    max_examples: int = 0  # the first N of the shard (0: all)
     force: bool = False
 
 
@@ -63,6 +64,8 @@ def run(params: LabelTeacherParams) -> Manifest:
     out_folder, out_name = split_uri(params.output)
     identity = teacher_identity(params.teacher)
     fingerprint = {"schema": 2, "top_k": params.top_k, "teacher_weights_sha256": identity["weights_sha256"]}
+    if params.max_examples:
+        fingerprint["max_examples"] = params.max_examples
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
@@ -136,10 +139,16 @@ def _label(path: str, out_path, config, weights, info: dict, params: LabelTeache
     model.assign(weights)
     labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
     spec = pretraining_spec(L, P)
-    dataset = (tf.data.TFRecordDataset(path).batch(params.batch_size)
+    records = tf.data.TFRecordDataset(path)
+    if params.max_examples:
+        records = records.take(params.max_examples)
+    dataset = (records.batch(params.batch_size)
                .map(lambda raw: (raw, tf.io.parse_example(raw, spec)), num_parallel_calls=2)
                .prefetch(2))
-    progress = Progress(log, "label-teacher", info.get("records"))
+    total = info.get("records")
+    if params.max_examples and total is not None:
+        total = min(total, params.max_examples)
+    progress = Progress(log, "label-teacher", total)
     examples = label_bytes = positions = 0
     topk_mass = 0.0
     with open(out_path, "wb") as out:
