@@ -12,13 +12,14 @@ file of a shared folder (one shard of many, written by parallel tasks) writes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from bertdistill import __version__
 from bertdistill.errors import StepError
@@ -105,6 +106,13 @@ class OutputWriter:
 
     def write(self, name: str):
         return _TrackedWrite(self, name)
+
+    @contextlib.contextmanager
+    def stream(self, name: str) -> Iterator[BinaryIO]:
+        """A binary file whose bytes reach the output as they are written (Folder.stream_write)."""
+        with self.folder.stream_write(name) as (f, pending):
+            yield f
+        self.files[name] = {"bytes": pending.size, "sha256": pending.sha256}
 
     def write_bytes(self, name: str, data: bytes, **meta: Any) -> None:
         pending = self.folder.write_bytes(name, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import http.client
 import io
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bertdistill.errors import StepError, TransientError
-from bertdistill.store import TEMP_MARK, Folder, scratch_dir
+from bertdistill.store import TEMP_MARK, Folder, PendingFile, scratch_dir
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
@@ -135,6 +136,25 @@ class S3Folder(Folder):
                    self._key(name), ExtraArgs={"Metadata": {"sha256": sha256}})
 
     @contextlib.contextmanager
+    def stream_write(self, name: str) -> Iterator[tuple[BinaryIO, PendingFile]]:
+        """Bytes go up in parts as they are written (a multipart upload, visible only once complete);
+        scratch holds one part at a time. An output smaller than a part is one put, as before."""
+        upload = MultipartUpload(self, name)
+        pending = PendingFile(upload.spill_path)
+        buffered = io.BufferedWriter(upload, buffer_size=1 << 20)
+        try:
+            yield buffered, pending
+            if not buffered.closed:
+                buffered.flush()
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+        finally:
+            upload.discard_spill()
+        pending.sha256, pending.size = upload.sha256.hexdigest(), upload.size
+
+    @contextlib.contextmanager
     def local_copy(self, name: str) -> Iterator[Path]:
         staged = scratch_dir() / "downloads" / f"{uuid.uuid4().hex}-{Path(name).name}"
         staged.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +185,86 @@ class S3Folder(Folder):
                 self._call(f"aborting the unfinished upload of s3://{self.bucket}/{upload['Key']}",
                            self.client.abort_multipart_upload, Bucket=self.bucket, Key=upload["Key"],
                            UploadId=upload["UploadId"])
+
+
+def part_bytes() -> int:
+    """BERTDISTILL_UPLOAD_PART_MB (default 8, at least S3's minimum of 5): the scratch a streamed
+    output holds at most, per file being written."""
+    return max(5, int(os.environ.get("BERTDISTILL_UPLOAD_PART_MB") or 8)) << 20
+
+
+class MultipartUpload(io.RawIOBase):
+    """A writable file that uploads itself in parts: a part fills a spill file in scratch, goes up
+    (botocore retries it), and the spill file is reused. Completed on success; aborted on failure
+    (and, if the server cannot be reached then, by the next run's remove_stale_temps)."""
+
+    def __init__(self, folder: S3Folder, name: str):
+        super().__init__()
+        self.folder, self.name, self.part_size = folder, name, part_bytes()
+        self.spill_path = scratch_dir() / "uploads" / f"{uuid.uuid4().hex}{TEMP_MARK}{Path(name).name}"
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        self.spill = open(self.spill_path, "w+b")  # noqa: SIM115 (closed by discard_spill)
+        self.sha256, self.size = hashlib.sha256(), 0
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        self.spill.write(data)
+        if self.spill.tell() >= self.part_size:
+            self._upload_part()
+        return len(data)
+
+    def close(self) -> None:  # closing the file is not committing it: stream_write's exit does that
+        super().close()
+
+    def _spilled(self) -> bytes:
+        self.spill.seek(0)
+        data = self.spill.read()
+        self.spill.seek(0)
+        self.spill.truncate()
+        return data
+
+    def _upload_part(self) -> None:
+        uri, key, client = self.folder.child_uri(self.name), self.folder._key(self.name), self.folder.client
+        if self.upload_id is None:
+            self.upload_id = self.folder._call(f"writing {uri}", client.create_multipart_upload,
+                                               Bucket=self.folder.bucket, Key=key)["UploadId"]
+        number = len(self.parts) + 1
+        answer = self.folder._call(f"writing {uri} (part {number})", client.upload_part, Bucket=self.folder.bucket,
+                                   Key=key, UploadId=self.upload_id, PartNumber=number, Body=self._spilled())
+        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    def complete(self) -> None:
+        uri, key, client = self.folder.child_uri(self.name), self.folder._key(self.name), self.folder.client
+        if self.upload_id is None:  # small: one put, with the sha256 in its metadata like upload_file's
+            self.folder._call(f"writing {uri}", client.put_object, Bucket=self.folder.bucket, Key=key,
+                              Body=self._spilled(), Metadata={"sha256": self.sha256.hexdigest()})
+            return
+        if self.spill.tell():
+            self._upload_part()
+        self.folder._call(f"writing {uri}", client.complete_multipart_upload, Bucket=self.folder.bucket, Key=key,
+                          UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        self.upload_id = None
+
+    def abort(self) -> None:
+        if self.upload_id is None:
+            return
+        try:
+            self.folder.client.abort_multipart_upload(Bucket=self.folder.bucket, Key=self.folder._key(self.name),
+                                                      UploadId=self.upload_id)
+        except Exception as exc:  # the step's own failure is what matters; the next run aborts it
+            log.warning("could not abort the unfinished upload of %s (%s); the next run will",
+                        self.folder.child_uri(self.name), exc)
+
+    def discard_spill(self) -> None:
+        self.spill.close()
+        self.spill_path.unlink(missing_ok=True)
 
 
 class ResumingBody(io.RawIOBase):
@@ -230,6 +330,7 @@ def s3_client():
         connect_timeout=5,
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=64,  # distill streams one object per label shard at once
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from bertdistill.tfrecord import split_framed
 
 
 @contextmanager
-def shuffled_output(out_path: Path, buckets: int, seed: int, scratch: Path) -> Iterator:
+def shuffled_output(out: BinaryIO, buckets: int, seed: int, scratch: Path) -> Iterator:
     """Yields add(framed_records, rng): scatter a batch of records; the shuffled file is written on exit."""
     with tempfile.TemporaryDirectory(dir=scratch, prefix="buckets-") as tmp, ExitStack() as stack:
         files = [stack.enter_context(open(Path(tmp) / f"{b:05d}", "w+b")) for b in range(buckets)]
@@ -34,9 +35,8 @@ def shuffled_output(out_path: Path, buckets: int, seed: int, scratch: Path) -> I
                 files[b].write(b"".join(records[i] for i in np.flatnonzero(target == b)))
 
         yield add
-        with open(out_path, "wb") as out:
-            for b, f in enumerate(files):
-                f.seek(0)
-                records = split_framed(f.read())
-                order = np.random.default_rng([seed, b, 2]).permutation(len(records))
-                out.write(b"".join(records[i] for i in order))
+        for b, f in enumerate(files):
+            f.seek(0)
+            records = split_framed(f.read())
+            order = np.random.default_rng([seed, b, 2]).permutation(len(records))
+            out.write(b"".join(records[i] for i in order))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -136,6 +135,16 @@ class Folder(ABC):
             self._commit(pending.path, name, pending.sha256)
         finally:
             pending.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def stream_write(self, name: str) -> Iterator[tuple[BinaryIO, PendingFile]]:
+        """(a binary file to write `name`'s bytes to, its PendingFile): for writers that produce an
+        output front to back. On a clean exit the file appears under `name`, whole; on an
+        exception nothing does. Here (a local folder) it is local_write's temporary beside the
+        destination; S3 overrides it to upload parts as they fill, so no output is ever held
+        whole in scratch."""
+        with self.local_write(name) as pending, open(pending.path, "wb") as f:
+            yield f, pending
 
     def write_bytes(self, name: str, data: bytes) -> PendingFile:
         with self.local_write(name) as pending:
@@ -267,18 +276,27 @@ def split_uri(uri: str) -> tuple[Folder, str]:
     return open_folder(head), name
 
 
-def stage_locally(uris: list[str], tmp: Path) -> list[str]:
-    """Local paths for files given by URI: local files as they are, remote ones copied into `tmp`
-    (for readers such as tf.data that take paths)."""
-    paths = []
-    for i, uri in enumerate(uris):
-        folder, name = split_uri(uri)
-        local = getattr(folder, "path", None)
-        if local is not None:
-            paths.append(str(local / name))
-            continue
-        with folder.local_copy(name) as path:
-            dest = tmp / f"{i:05d}-{name}"
-            shutil.copyfile(path, dest)
-            paths.append(str(dest))
-    return paths
+def local_path(uri: str) -> str | None:
+    """The file's path when the URI names a local file (a path or file://), else None."""
+    folder, name = split_uri(uri)
+    local = getattr(folder, "path", None)
+    return None if local is None else str(local / name)
+
+
+def interleaved_records(uris: list[str]) -> Iterator[bytes]:
+    """TFRecord payloads of several files, one from each in turn (dropping a file when it ends),
+    each streamed from its store with a bounded buffer, CRCs checked. The order tf.data's
+    interleave(cycle_length=len(files), block_length=1) gives over local copies of them."""
+    from bertdistill.tfrecord import read_records
+
+    with contextlib.ExitStack() as stack:
+        streams = []
+        for uri in uris:
+            folder, name = split_uri(uri)
+            streams.append(read_records(stack.enter_context(folder.open_read(name)), uri))
+        while streams:
+            for stream in list(streams):
+                try:
+                    yield next(stream)
+                except StopIteration:
+                    streams.remove(stream)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from bertdistill.records import pretraining_shapes
+from bertdistill.store import interleaved_records, local_path
 
 
 def pretraining_spec(max_seq_length: int, max_predictions: int) -> dict[str, tf.io.FixedLenFeature]:
@@ -18,10 +19,19 @@ def pretraining_spec(max_seq_length: int, max_predictions: int) -> dict[str, tf.
             for name, (kind, n) in pretraining_shapes(max_seq_length, max_predictions).items()}
 
 
-def records(paths: list[str]) -> tf.data.Dataset:
-    """Serialized records of all shards, interleaved one by one (sequential, so the order is fixed)."""
-    return tf.data.Dataset.from_tensor_slices(list(paths)).interleave(
-        tf.data.TFRecordDataset, cycle_length=max(len(paths), 1), block_length=1)
+def records(uris: list[str]) -> tf.data.Dataset:
+    """Serialized records of all shards, interleaved one by one (sequential, so the order is fixed).
+
+    Local files are read by TensorFlow itself. Shards in an object store are streamed from it
+    in the same order (store.interleaved_records), never copied to local disk first: a
+    training reading 1,000 label shards needs a read buffer per shard, not their size in
+    scratch."""
+    local = [local_path(u) for u in uris]
+    if all(p is not None for p in local):
+        return tf.data.Dataset.from_tensor_slices(local).interleave(
+            tf.data.TFRecordDataset, cycle_length=max(len(local), 1), block_length=1)
+    return tf.data.Dataset.from_generator(lambda: interleaved_records(list(uris)),
+                                          output_signature=tf.TensorSpec([], tf.string))
 
 
 def pretraining_dataset(paths: list[str], max_seq_length: int, max_predictions: int, batch_size: int,

@@ -25,7 +25,7 @@ from pathlib import Path
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
-from bertdistill.store import open_folder, scratch_dir, stage_locally
+from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run(params: AdaptTeacherParams) -> Manifest:
                 raise StepError(f"{params.examples} was made with another vocab than teacher {params.teacher}: "
                                 "remake the examples with the teacher's vocab.txt")
             with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-                staged = stage_locally(train + heldout, Path(tmp))
+                staged = train + heldout  # streamed from the store by tfdata.records
                 summary, adapted = _adapt(config, weights, staged[: len(train)], staged[len(train) :], info, params)
                 save_teacher(Path(tmp) / "out", config, adapted, vocab_path)
                 for name in sorted(p.name for p in (Path(tmp) / "out").iterdir()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
 from contextlib import ExitStack
@@ -84,8 +85,9 @@ def run(params: BuildCorpusParams) -> Manifest:
         progress = Progress(log, "build-corpus")
         documents = 0
         with ExitStack() as stack:
-            pending = {n: stack.enter_context(writer.write(n)) for n in names}
-            files = {n: stack.enter_context(open(p.path, "w", encoding="utf-8")) for n, p in pending.items()}
+            # streamed to the store as written: scratch holds one upload part per shard, not the corpus
+            files = {n: io.TextIOWrapper(stack.enter_context(writer.stream(n)), encoding="utf-8", newline="\n")
+                     for n in names}
             for articles, part in parts:
                 with articles.open_read(part) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
                     for line in lines:

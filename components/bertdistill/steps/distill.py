@@ -34,7 +34,7 @@ from bertdistill import tracking
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
-from bertdistill.store import Folder, open_folder, scratch_dir, stage_locally
+from bertdistill.store import Folder, open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,11 @@ def run(params: DistillParams) -> Manifest | None:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
             vocab_bytes = (local / "vocab.txt").read_bytes()
         shards, info = _label_shards(params, vocab.sha256)
+        summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, info, output,
+                                          fingerprint)
+        if writer is None:
+            return summary
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-            summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, info, output,
-                                              fingerprint, Path(tmp))
-            if writer is None:
-                return summary
             export = Path(tmp) / "export"
             (Path(tmp) / "vocab.txt").write_bytes(vocab_bytes)
             save_teacher(export, config, weights, Path(tmp) / "vocab.txt")
@@ -171,7 +171,7 @@ def _student(params: DistillParams, teacher_config, teacher_weights):
 
 
 def _train(params: DistillParams, world, teacher_config, teacher_weights, shards: list[str], info: dict,
-           output: Folder, fingerprint: dict, tmp: Path):
+           output: Folder, fingerprint: dict):
     import hashlib
 
     import tensorflow as tf
@@ -199,7 +199,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
     world.broadcast(variables + optimizer.m + optimizer.v)
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
-    data = {g: iter(labelled_dataset(stage_locally(groups[g], tmp), L, P, params.top_k, params.batch_size,
+    data = {g: iter(labelled_dataset(groups[g], L, P, params.top_k, params.batch_size,
                                      shuffle=True, repeat=True, seed=params.seed + g).skip(start)) for g in mine}
     T = params.temperature
 

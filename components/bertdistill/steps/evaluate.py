@@ -31,7 +31,7 @@ import numpy as np
 
 from bertdistill.errors import StepError
 from bertdistill.manifest import Manifest, OutputWriter, run_step
-from bertdistill.store import open_folder, scratch_dir, stage_locally
+from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def run(params: EvaluateParams) -> Manifest:
                 log.info("champion %s version %s was trained on another vocab or sequence length: not scored",
                          params.champion, champion["version"])
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
-            paths = stage_locally([folder.child_uri(n) for n in names], Path(tmp))
+            paths = [folder.child_uri(n) for n in names]  # streamed from the store by tfdata.records
             report = evaluate(students, teacher_config, teacher_weights, paths, info, params)
             if "champion" in report:
                 report["champion"]["version"] = champion["version"]

@@ -178,13 +178,13 @@ def _explain_failure(uri: str, stderr: str) -> str:
 
 
 class _PartWriter:
-    """One articles part, gzip-compressed into a store temp file and committed on close."""
+    """One articles part, gzip-compressed as it is written to the store, committed on close."""
 
     def __init__(self, writer: OutputWriter, name: str):
         self.count = 0
-        self._cm = writer.write(name)
+        self._cm = writer.stream(name)  # to the store as it is compressed
         # No file name and a zero mtime in the gzip header: the same dump gives the same bytes.
-        self._raw = open(self._cm.__enter__().path, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._raw = self._cm.__enter__()
         self._gz = io.TextIOWrapper(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
                                                   compresslevel=6), encoding="utf-8")
 

@@ -60,7 +60,6 @@ def run(params: LabelTeacherParams) -> Manifest:
     if params.top_k < 1:
         raise StepError(f"--top-k must be at least 1, got {params.top_k}")
     info = examples_info(params.input)
-    in_folder, in_name = split_uri(params.input)
     out_folder, out_name = split_uri(params.output)
     identity = teacher_identity(params.teacher)
     fingerprint = {"schema": 2, "top_k": params.top_k, "teacher_weights_sha256": identity["weights_sha256"]}
@@ -79,8 +78,8 @@ def run(params: LabelTeacherParams) -> Manifest:
                             "with the teacher's vocab.txt")
         if params.top_k > config.vocab_size:
             raise StepError(f"--top-k {params.top_k} is larger than the vocab ({config.vocab_size})")
-        with in_folder.local_copy(in_name) as path, writer.write(out_name) as pending:
-            summary = _label(str(path), pending.path, config, weights, info, params)
+        with writer.stream(out_name) as out:  # examples streamed in, labelled records streamed out
+            summary = _label(params.input, out, config, weights, info, params)
         writer.note(out_name, records=summary["examples"])
         summary.update(teacher=identity, top_k=params.top_k, vocab_sha256=vocab.sha256,
                        max_seq_length=info["max_seq_length"], max_predictions_per_seq=info["max_predictions_per_seq"])
@@ -125,11 +124,12 @@ def accelerator() -> tuple[bool, str]:
     return gpu, "bfloat16" if gpu else "float32"
 
 
-def _label(path: str, out_path, config, weights, info: dict, params: LabelTeacherParams) -> dict:
+def _label(uri: str, out, config, weights, info: dict, params: LabelTeacherParams) -> dict:
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
     from bertdistill.tfdata import pretraining_spec
+    from bertdistill.tfdata import records as record_stream
 
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
     gpu, _ = accelerator()
@@ -139,7 +139,7 @@ def _label(path: str, out_path, config, weights, info: dict, params: LabelTeache
     model.assign(weights)
     labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
     spec = pretraining_spec(L, P)
-    records = tf.data.TFRecordDataset(path)
+    records = record_stream([uri])
     if params.max_examples:
         records = records.take(params.max_examples)
     dataset = (records.batch(params.batch_size)
@@ -151,27 +151,26 @@ def _label(path: str, out_path, config, weights, info: dict, params: LabelTeache
     progress = Progress(log, "label-teacher", total)
     examples = label_bytes = positions = 0
     topk_mass = 0.0
-    with open(out_path, "wb") as out:
-        try:
-            for raw, batch in dataset:
-                ids, probs, rest, nsp = labeller(tf.cast(batch["input_ids"], tf.int32),
-                                                 tf.cast(batch["input_mask"], tf.int32),
-                                                 tf.cast(batch["segment_ids"], tf.int32),
-                                                 tf.cast(batch["masked_lm_positions"], tf.int32))
-                real = batch["masked_lm_weights"].numpy() > 0
-                n_real = real.sum(axis=1)
-                positions += int(real.sum())
-                topk_mass += float((1.0 - rest.numpy())[real].sum())
-                blobs = encode_labels(n_real, ids.numpy(), probs.numpy(), rest.numpy(), nsp.numpy())
-                for record, blob in zip(raw.numpy(), blobs, strict=True):
-                    labelled = append_bytes_feature(record, LABEL_FEATURE, blob)
-                    label_bytes += len(labelled) - len(record)
-                    out.write(frame(labelled))
-                examples += len(blobs)
-                progress.update(examples, " examples")
-        except tf.errors.DataLossError as exc:
-            raise StepError(f"{params.input}: corrupt TFRecord ({str(exc).splitlines()[0]}); "
-                            "regenerate it with make-examples") from None
+    try:
+        for raw, batch in dataset:
+            ids, probs, rest, nsp = labeller(tf.cast(batch["input_ids"], tf.int32),
+                                             tf.cast(batch["input_mask"], tf.int32),
+                                             tf.cast(batch["segment_ids"], tf.int32),
+                                             tf.cast(batch["masked_lm_positions"], tf.int32))
+            real = batch["masked_lm_weights"].numpy() > 0
+            n_real = real.sum(axis=1)
+            positions += int(real.sum())
+            topk_mass += float((1.0 - rest.numpy())[real].sum())
+            blobs = encode_labels(n_real, ids.numpy(), probs.numpy(), rest.numpy(), nsp.numpy())
+            for record, blob in zip(raw.numpy(), blobs, strict=True):
+                labelled = append_bytes_feature(record, LABEL_FEATURE, blob)
+                label_bytes += len(labelled) - len(record)
+                out.write(frame(labelled))
+            examples += len(blobs)
+            progress.update(examples, " examples")
+    except tf.errors.DataLossError as exc:
+        raise StepError(f"{params.input}: corrupt TFRecord ({str(exc).splitlines()[0]}); "
+                        "regenerate it with make-examples") from None
     seconds = progress.elapsed
     return {"examples": examples, "seconds": round(seconds, 3),
             "examples_per_second": examples / max(seconds, 1e-9),

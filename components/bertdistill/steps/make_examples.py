@@ -22,6 +22,7 @@ whole words. Two things differ, both for memory and speed at Wikipedia scale:
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import chain
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -118,8 +119,10 @@ def run(params: MakeExamplesParams) -> Manifest:
     def work(writer: OutputWriter) -> dict:
         with vocab_folder.local_copy(vocab_name) as vocab_path:
             vocab = Vocab(vocab_path, params.vocab_file)
-        with text_folder.local_copy(text_name) as text_path, writer.write(out_name) as pending:
-            summary = _produce(text_path, params, vocab, pending.path)
+        size = text_folder.size(text_name)
+        # the text streamed in, the examples streamed out: scratch holds only the shuffle's buckets
+        with text_folder.open_read(text_name) as text, writer.stream(out_name) as out:
+            summary = _produce(text, size, params, vocab, out)
         writer.note(out_name, records=summary["examples"])
         summary["vocab_sha256"] = vocab.sha256
         print(f"make-examples: {summary['examples']:,} examples from {summary['documents']:,} documents "
@@ -132,18 +135,17 @@ def run(params: MakeExamplesParams) -> Manifest:
                     out_folder, work, output_file=out_name, force=params.force)
 
 
-def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path: Path) -> dict:
+def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab, out: BinaryIO) -> dict:
     ctx = _Context(params.max_seq_length, params.max_predictions_per_seq, params.masked_lm_prob,
                    params.short_seq_prob, params.dupe_factor, params.random_seed, params.do_whole_word_mask,
                    vocab.tokens, params.do_lower_case, (vocab.cls_id, vocab.sep_id, vocab.mask_id))
-    size = text_path.stat().st_size
     workers = params.workers or len(os.sched_getaffinity(0))
     progress = Progress(log, "make-examples", size)
     totals = {"examples": 0, "documents": 0, "chunks": 0, "input_bytes": size}
     buckets = max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES))
     # The Rust tokenizer must not start its own thread pool before we fork workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with shuffled_output(out_path, buckets, params.random_seed, scratch_dir()) as add:
+    with shuffled_output(out, buckets, params.random_seed, scratch_dir()) as add:
         def scatter(index: int, result: tuple[bytes, int, int], consumed: int) -> None:
             data, examples, documents = result
             add(data, np.random.default_rng([params.random_seed, index, 1]))
@@ -152,7 +154,7 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
             totals["chunks"] += 1
             progress.update(consumed, " B")
 
-        chunks = _read_chunks(text_path, params.input)
+        chunks = _read_chunks(text, params.input)
         if workers == 1:
             _init_worker(ctx)
             for index, docs, consumed in chunks:
@@ -177,13 +179,13 @@ def _produce(text_path: Path, params: MakeExamplesParams, vocab: Vocab, out_path
     return totals
 
 
-def _read_chunks(path: Path, uri: str):
+def _read_chunks(text: BinaryIO, uri: str):
     """Yield (chunk index, documents as lists of sentences, characters read so far)."""
     docs: list[list[str]] = []
     doc: list[str] = []
     chars = read = index = 0
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(text, encoding="utf-8") as f:
             for line in f:
                 read += len(line)
                 line = line.strip()
