@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -38,10 +39,8 @@ class ScratchPeak:
             total = 0
             for dirpath, _, files in os.walk(self.root):
                 for f in files:
-                    try:
+                    with contextlib.suppress(OSError):  # removed while we looked
                         total += os.stat(os.path.join(dirpath, f)).st_size
-                    except OSError:
-                        pass
             self.peak = max(self.peak, total)
             time.sleep(0.01)
 

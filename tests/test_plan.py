@@ -98,3 +98,16 @@ def test_the_teacher_labels_what_distill_and_evaluate_read_and_no_more():
     more = planning.make_plan(p | {"train_steps": 2000}, SETTINGS, "20261101")
     assert planning.labels_folder(more, more["teacher"]) != planning.labels_folder(plan, plan["teacher"])
     assert planning.make_plan(p | {"ranks": 2}, SETTINGS, "20261101")["student"] != plan["student"]
+
+
+def test_a_bigger_dump_gets_more_shards_so_each_fits_the_target():
+    small = planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=2_000_000)
+    assert small["params"]["train_shards"] == 8  # the form's count: shards well under 2 GB
+    enwiki = planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=22 * 10**9)  # dupe 10
+    shards = enwiki["params"]["train_shards"] + enwiki["params"]["heldout_shards"]
+    assert 22e9 * planning.EXAMPLE_BYTES_PER_DUMP_BYTE * 10 / shards <= 2048 << 20
+    assert enwiki["text"].endswith(f"/text/all-{enwiki['params']['train_shards']}-1")
+    with pytest.raises(ValueError, match=r"needs .* train shards to stay under 2048 MB"):
+        planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=22 * 10**9, max_map_length=100)
+    tight = Settings(store="s3://bucket/bd", shard_target_mb="1024")
+    assert planning.make_plan(FULL, tight, "20261101", dump_bytes=22 * 10**9)["params"]["train_shards"] > shards

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from bertdistill.orchestration.runners import RESOURCES
 from tests.dags.test_dag_run import TINY, dags_test, run_env, tasks_run
 
 pytest.importorskip("kmock")
@@ -91,6 +92,12 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         gpu = container["resources"]["requests"].get("nvidia.com/gpu")
         assert (gpu == "1") == (step in ("label-teacher", "adapt-teacher")), step
+        # scratch: an emptyDir no bigger than the ephemeral storage the pod asked for
+        [volume] = [v for v in spec["volumes"] if v["name"] == "scratch"]
+        scratch = volume["emptyDir"]["sizeLimit"]
+        assert container["resources"]["requests"]["ephemeral-storage"] == scratch, step
+        assert container["resources"]["limits"]["ephemeral-storage"] == scratch, step
+        assert scratch == ("3Gi" if step == "make-examples" else RESOURCES[step.replace("-", "_")]["scratch"]), step
     # Every pod was deleted once it finished; the launcher pod belongs to the MPIJob's lifecycle.
     k = cluster.kmock
     deleted = {r.name for r in cluster.requests(k.action.DELETE, k.resource(PODS))}
@@ -103,6 +110,9 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     assert control[control.index("--soft-mlm-weight") + 1] == control[control.index("--soft-nsp-weight") + 1] == "0"
     assert control[control.index("--output") + 1] == commands[0][commands[0].index("--output") + 1] + "/control"
     job = jobs[0]
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert worker["volumes"][0]["emptyDir"]["sizeLimit"] == RESOURCES["distill"]["scratch"]
+    assert worker["containers"][0]["resources"]["requests"]["ephemeral-storage"] == RESOURCES["distill"]["scratch"]
     launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
     assert launcher["command"][:3] == ["mpirun", "-np", "1"]
     assert launcher["command"][launcher["command"].index("bertdistill") + 1] == "distill"

@@ -29,7 +29,7 @@ from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import generi
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from bertdistill.orchestration.runners import SCRATCH, container_resources, security_context
+from bertdistill.orchestration.runners import SCRATCH, container_resources, scratch_volume, security_context
 from bertdistill.orchestration.settings import Settings
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v2beta1", "mpijobs", "MPIJob"
@@ -87,7 +87,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
             volume_mounts=[k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)], **extra)
         spec = k8s.V1PodSpec(containers=[container], service_account_name=settings.service_account,
                              automount_service_account_token=False,
-                             volumes=[k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())])
+                             volumes=[scratch_volume(wanted.get("scratch"))])
         pod = k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=labels), spec=spec)
         return ApiClient().sanitize_for_serialization(pod)
 
@@ -106,7 +106,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
             "mpiReplicaSpecs": {
                 "Launcher": {"replicas": 1, "restartPolicy": "Never",
                              "template": template("launcher", mpirun_command(workers, arguments, env),
-                                                  {"cpu": "1", "memory": "1Gi"})},
+                                                  {"cpu": "1", "memory": "1Gi", "scratch": "1Gi"})},
                 "Worker": {"replicas": workers, "restartPolicy": "Never",
                            "template": template("worker", ["start-sshd"], resources, readiness_probe=listening)},
             },

@@ -50,6 +50,23 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
     return p
 
 
+# Example bytes per compressed dump byte per dupe pass: text/bz2 1.54 and examples/text 1.86 on the
+# sample (64 tokens); make-examples' own estimate is 2 per dupe pass. Rounded up: shards come out
+# at or under the target, never over.
+EXAMPLE_BYTES_PER_DUMP_BYTE = 3.0
+
+
+def sized(p: dict[str, Any], dump_bytes: int | None, shard_target_mb: int) -> dict[str, Any]:
+    """More train shards than the form asked for when the dump would make shards bigger than the
+    target: a shard's examples pass through its make-examples pod's scratch (the whole-shard
+    shuffle), so the target bounds that scratch whatever the dump's size."""
+    if not dump_bytes:
+        return p
+    examples = dump_bytes * EXAMPLE_BYTES_PER_DUMP_BYTE * p["dupe_factor"]
+    needed = -(-int(examples) // (shard_target_mb << 20)) - p["heldout_shards"]
+    return p | {"train_shards": max(p["train_shards"], needed)}
+
+
 def corpus_key(p: dict[str, Any]) -> str:
     """What shapes the text shards: which dump files, and how many train and held-out shards."""
     files = f"first{p['max_dump_files']}" if p["max_dump_files"] else "all"
@@ -69,9 +86,21 @@ def _key(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def make_plan(params: dict[str, Any], settings: Settings, date: str) -> dict[str, Any]:
-    """Everything later tasks need, as JSON (it travels by XCom): URIs, keys, static arguments."""
-    p = full_params(params)
+def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes: int | None = None,
+              max_map_length: int = MAX_MAP_LENGTH) -> dict[str, Any]:
+    """Everything later tasks need, as JSON (it travels by XCom): URIs, keys, static arguments.
+
+    `dump_bytes` (the selected files' compressed size, from dumpstatus.json) raises the train
+    shard count to keep each shard under the deployment's target size (`sized`)."""
+    p = full_params(params, max_map_length)
+    wanted = sized(p, dump_bytes, int(settings.shard_target_mb))
+    if wanted["train_shards"] != p["train_shards"]:
+        try:
+            p = full_params(wanted, max_map_length)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (a dump of {dump_bytes / 1e9:.1f} GB needs {wanted['train_shards']} train "
+                             f"shards to stay under {settings.shard_target_mb} MB of examples per shard: raise "
+                             "BERTDISTILL_SHARD_TARGET_MB, or give the pods more scratch)") from None
     root = settings.store_root()
     run = _join(root, "runs", f"{p['wiki']}-{date}")
     teacher_source = p["teacher"] or settings.teacher

@@ -17,19 +17,39 @@ PARENT_RUN = "{{ ti.xcom_pull(task_ids='prepare', key='parent_run_id') }}"
 RANKS = "{{ ti.xcom_pull(task_ids='prepare', key='ranks') }}"
 SCRATCH = "/scratch"
 
-# requests (= limits for memory) per step in the kubernetes mode; label-teacher runs the teacher on a GPU.
+# requests (= limits for memory and scratch) per step in the kubernetes mode; label-teacher runs the
+# teacher on a GPU. Scratch (an emptyDir of that size, and the pod's ephemeral-storage request) is
+# what the step holds locally at most, whatever the dump's size: one dump file (fetch-dump,
+# extract: enwiki's are under 3 GB), one 8 MB upload part per open shard (build-corpus, at most
+# 1,024 shards), a staged teacher and the model being exported; make-examples' whole-shard
+# shuffle holds one shard's examples, sized by BERTDISTILL_SHARD_TARGET_MB (scratch_size).
 RESOURCES: dict[str, dict[str, str]] = {
-    "fetch_dump": {"cpu": "1", "memory": "1Gi"},
-    "extract": {"cpu": "4", "memory": "4Gi"},
-    "build_corpus": {"cpu": "2", "memory": "4Gi"},
+    "fetch_dump": {"cpu": "1", "memory": "1Gi", "scratch": "8Gi"},
+    "extract": {"cpu": "4", "memory": "4Gi", "scratch": "8Gi"},
+    "build_corpus": {"cpu": "2", "memory": "4Gi", "scratch": "10Gi"},
     "make_examples": {"cpu": "4", "memory": "2Gi"},
-    "fetch_teacher": {"cpu": "1", "memory": "4Gi"},
-    "adapt_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
-    "label_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
-    "distill": {"cpu": "4", "memory": "16Gi", "gpu": "1"},
-    "evaluate": {"cpu": "4", "memory": "8Gi"},
-    "publish": {"cpu": "2", "memory": "4Gi"},
+    "fetch_teacher": {"cpu": "1", "memory": "4Gi", "scratch": "4Gi"},
+    "adapt_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1", "scratch": "4Gi"},
+    "label_teacher": {"cpu": "4", "memory": "16Gi", "gpu": "1", "scratch": "4Gi"},
+    "distill": {"cpu": "4", "memory": "16Gi", "gpu": "1", "scratch": "4Gi"},
+    "evaluate": {"cpu": "4", "memory": "8Gi", "scratch": "4Gi"},
+    "publish": {"cpu": "2", "memory": "4Gi", "scratch": "4Gi"},
 }
+
+
+def scratch_size(task_id: str, settings: Settings) -> str:
+    """A step's scratch: its fixed figure, or for make-examples one target-sized shard plus 1 GiB."""
+    if task_id == "make_examples":
+        return f"{-(-int(settings.shard_target_mb) // 1024) + 1}Gi"
+    return RESOURCES[task_id]["scratch"]
+
+
+def scratch_volume(size: str | None):
+    """The scratch emptyDir, limited to what the pod requested: a step that outgrows it is evicted,
+    not left to fill the node's disk (None: no limit, for callers that size nothing)."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=size))
 
 
 class StepOperators:
@@ -75,6 +95,8 @@ def container_resources(wanted: dict[str, str], gpu_resource: str):
 
     requests = {"cpu": wanted["cpu"], "memory": wanted["memory"]}
     limits = {"memory": wanted["memory"]}
+    if "scratch" in wanted:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = wanted["scratch"]
     if "gpu" in wanted:
         requests[gpu_resource] = limits[gpu_resource] = wanted["gpu"]
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
@@ -97,7 +119,7 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
     """
     from kubernetes.client import models as k8s
 
-    wanted = RESOURCES[task_id]
+    wanted = RESOURCES[task_id] | {"scratch": scratch_size(task_id, settings)}
     return {
         "name": f"bertdistill-{task_id.replace('_', '-')}",
         "namespace": settings.namespace,
@@ -108,7 +130,7 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
         "container_resources": container_resources(wanted, settings.gpu_resource),
         "container_security_context": security_context(),
-        "volumes": [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())],
+        "volumes": [scratch_volume(wanted["scratch"])],
         "volume_mounts": [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)],
         "labels": {"app.kubernetes.io/name": "bertdistill", "app.kubernetes.io/component": task_id},
         "get_logs": True,

@@ -33,6 +33,7 @@ class Settings:
     s3_endpoint_url: str = ""
     airflow_url: str = ""               # the Airflow UI's base URL, for links from MLflow runs
     monthly_params: str = ""            # JSON object: the monthly DAG's sizes over the form's defaults
+    shard_target_mb: str = "2048"      # most example bytes per shard: what a pod's scratch must hold
     # kubernetes mode
     namespace: str = "bertdistill"
     service_account: str = "bertdistill-steps"

@@ -42,12 +42,16 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: 
     makes the daily schedule cheap: a day with no new dump resolves to a dump already
     published and stops here, after one listing of the mirror and one manifest read.
     """
-    from bertdistill.steps.fetch_dump import Mirror, resolve_date
+    from bertdistill.steps.fetch_dump import Mirror, resolve_date, selected_bytes
 
     settings = settings or Settings.load()
-    p = planning.full_params(params, max_map_length())
-    date, _ = resolve_date(Mirror(settings.mirror), p["wiki"], p["date"], as_of)
-    plan = planning.make_plan(p, settings, date)
+    limit = max_map_length()
+    p = planning.full_params(params, limit)
+    date, status = resolve_date(Mirror(settings.mirror), p["wiki"], p["date"], as_of)
+    plan = planning.make_plan(p, settings, date, selected_bytes(status, p["max_dump_files"]), limit)
+    if plan["params"]["train_shards"] != p["train_shards"]:
+        log.info("%d train shards instead of %d: this dump would give shards over %s MB of examples",
+                 plan["params"]["train_shards"], p["train_shards"], settings.shard_target_mb)
     folder, _, name = plan["published"].rpartition("/")
     published = _manifest(folder, name)
     if published and not p["force"]:

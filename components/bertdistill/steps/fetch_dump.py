@@ -149,6 +149,18 @@ def _finished_by(job: dict, as_of: datetime | None) -> bool:
     return updated <= as_of
 
 
+def selected_files(status: dict, max_files: int | None) -> list[str]:
+    """The pages-articles files a run fetches: in the dump's order, the first max_files of them."""
+    return sorted(status["jobs"]["articlesdump"]["files"], key=_file_order)[:max_files]
+
+
+def selected_bytes(status: dict, max_files: int | None) -> int | None:
+    """Their compressed size from dumpstatus.json (None when a file has no size listed)."""
+    files = status["jobs"]["articlesdump"]["files"]
+    sizes = [files[name].get("size") for name in selected_files(status, max_files)]
+    return None if any(s is None for s in sizes) else sum(int(s) for s in sizes)
+
+
 def _file_order(name: str) -> tuple[int, str]:
     match = re.search(r"pages-articles(\d*)\.xml", name)
     return (int(match.group(1) or 0) if match else 0, name)
@@ -172,7 +184,7 @@ def run(params: FetchDumpParams) -> Manifest:
         raise StepError(f"--max-files must be at least 1, got {params.max_files}")
     mirror = Mirror(params.mirror)
     date, status = resolve_date(mirror, params.wiki, params.date)
-    files = sorted(status["jobs"]["articlesdump"]["files"], key=_file_order)[: params.max_files]
+    files = selected_files(status, params.max_files)
     sums_name = f"{params.wiki}-{date}-sha1sums.txt"
     try:
         sums = parse_sha1sums(mirror.read(params.wiki, date, sums_name).decode())
