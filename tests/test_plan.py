@@ -111,3 +111,12 @@ def test_a_bigger_dump_gets_more_shards_so_each_fits_the_target():
         planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=22 * 10**9, max_map_length=100)
     tight = Settings(store="s3://bucket/bd", shard_target_mb="1024")
     assert planning.make_plan(FULL, tight, "20261101", dump_bytes=22 * 10**9)["params"]["train_shards"] > shards
+
+
+def test_a_gpu_step_may_wait_hours_to_be_scheduled_and_minutes_to_start():
+    from bertdistill.orchestration.runners import pod_kwargs
+
+    settings = Settings(mode="kubernetes")
+    gpu, cpu = pod_kwargs(settings, "label_teacher", {}), pod_kwargs(settings, "make_examples", {})
+    assert gpu["schedule_timeout_seconds"] == 6 * 3600 and cpu["schedule_timeout_seconds"] == 3600
+    assert gpu["startup_timeout_seconds"] == cpu["startup_timeout_seconds"] == 600

@@ -136,5 +136,9 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
         "get_logs": True,
         "on_finish_action": "delete_pod",
         "durable": True,  # a restarted worker follows the pod it started instead of starting another
+        # Unscheduled (waiting for a node with a free GPU, or with the scratch it asks for) is not a
+        # failure: a GPU step may wait 6 hours, another 1, and the provider then says "took too long
+        # to be scheduled". Once placed, 10 minutes to pull the image and start.
+        "schedule_timeout_seconds": (6 if "gpu" in wanted else 1) * 3600,
         "startup_timeout_seconds": 600,
     }

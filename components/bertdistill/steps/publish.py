@@ -132,7 +132,9 @@ def promotion_lock(client, model_name: str, wait_s: float = 600, stale_s: float 
                 f"Left over for more than {stale_s / 60:.0f} minutes, it is removed by the next publish."))
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken; or taken and released at once (MLflow looks the clashing name up after its failed
+            # insert, and finds it gone): both mean try again.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = client.get_registered_model(name)
