@@ -22,12 +22,12 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+
+from tests.scratch_peak import ScratchPeak  # noqa: E402
 
 from make_examples import measure  # noqa: E402  (this folder's make-examples benchmark)
 
@@ -54,34 +54,6 @@ def synthetic_dump(sample_dump: Path, copies: int, out: Path) -> Path:
     parts.append(tail)
     out.write_bytes(bz2.compress("\n".join(parts).encode(), 9))
     return out
-
-
-class ScratchPeak:
-    """Most bytes a folder held at once during a block, sampled every 20 ms."""
-
-    def __init__(self, root: Path):
-        self.root, self.peak, self._stop = root, 0, threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self):
-        while not self._stop.is_set():
-            total = 0
-            for dirpath, _, files in os.walk(self.root):
-                for f in files:
-                    try:
-                        total += os.stat(os.path.join(dirpath, f)).st_size
-                    except OSError:
-                        continue
-            self.peak = max(self.peak, total)
-            time.sleep(0.02)
 
 
 def run_steps(dump: Path, work: Path, vocab: Path, dupe: int) -> dict[str, dict]:

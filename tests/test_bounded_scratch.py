@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from bertdistill.store import open_folder
 from tests.conftest import _s3_client, run_cli
+from tests.scratch_peak import ScratchPeak
 
 pytestmark = pytest.mark.s3
 PART_MB = 5  # S3's smallest part
-
-
-class ScratchPeak:
-    """The most bytes a folder tree held at once, sampled every 10 ms while the block runs."""
-
-    def __init__(self, root: Path):
-        self.root, self.peak, self._stop = root, 0, threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self):
-        while not self._stop.is_set():
-            total = 0
-            for dirpath, _, files in os.walk(self.root):
-                for f in files:
-                    with contextlib.suppress(OSError):  # removed while we looked
-                        total += os.stat(os.path.join(dirpath, f)).st_size
-            self.peak = max(self.peak, total)
-            time.sleep(0.01)
 
 
 def _articles(corpus: Path, copies: int) -> bytes:
