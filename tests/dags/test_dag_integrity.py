@@ -25,6 +25,7 @@ print(json.dumps({
     "monthly_schedule": str(monthly.schedule) if monthly else None,
     "monthly_paused": monthly.is_paused_upon_creation if monthly else None,
     "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+    "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
     "kinds": {t.task_id: getattr(t, "operator_class", type(t)).__name__ for t in dag.tasks} if dag else {},
     "setup": sorted(t.task_id for t in dag.tasks if t.is_setup) if dag else [],
     "teardown": {t.task_id: sorted(s.task_id for s in t.upstream_list if s.is_setup)
@@ -61,7 +62,7 @@ def _python(env: dict, code: str, *args: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["local", "kubernetes"])
 def test_the_dag_parses_without_tensorflow(airflow_env, mode):
-    env = {**airflow_env, "BERTDISTILL_MODE": mode}
+    env = {**airflow_env, "BERTDISTILL_MODE": mode, "BERTDISTILL_GPU_POOL": "gpus"}
     out = _python(env, PARSE, env["AIRFLOW__CORE__DAGS_FOLDER"])
     assert out["errors"] == {}
     assert out["tensorflow_imported"] is False
@@ -79,6 +80,9 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
         assert {out["kinds"][s] for s in steps} == {"LocalStepOperator"}
     else:
         assert out["kinds"]["distill"] == "MPIJobOperator"
+        # the GPU steps share the deployment's GPU pool; the others the default one
+        assert {s for s in steps if out["pools"][s] == "gpus"} == {"adapt_teacher", "label_teacher", "distill"}
+        assert {out["pools"][s] for s in steps} == {"gpus", "default_pool"}
         # the provider's pod operator, which maps a step's exit code 2 to a failure without retries
         assert {out["kinds"][s] for s in steps if s != "distill"} == {"StepPodOperator"}
 

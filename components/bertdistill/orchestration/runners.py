@@ -61,11 +61,20 @@ class StepOperators:
 
     def single(self, task_id: str, arguments: Any):
         cls, kwargs = self._operator(task_id)
-        return cls(task_id=task_id, arguments=arguments, **kwargs)
+        return cls(task_id=task_id, arguments=arguments, **kwargs, **self._pool(task_id))
 
     def mapped(self, task_id: str, arguments: Any):
         cls, kwargs = self._operator(task_id)
-        return cls.partial(task_id=task_id, **kwargs).expand(arguments=arguments)
+        return cls.partial(task_id=task_id, **kwargs, **self._pool(task_id)).expand(arguments=arguments)
+
+    def _pool(self, task_id: str) -> dict[str, str]:
+        """The GPU pool for steps that take a GPU (BERTDISTILL_GPU_POOL): Airflow then starts at most
+        as many of them as the pool has slots, so a 1,000-shard label-teacher does not put 1,000 pods
+        in the queue for a cluster's 8 GPUs. An Airflow pool must exist before its tasks can run:
+        `airflow pools set <name> <GPUs> "GPU steps"`."""
+        if self.settings.mode == "kubernetes" and self.settings.gpu_pool and "gpu" in RESOURCES[task_id]:
+            return {"pool": self.settings.gpu_pool}
+        return {}
 
     def distill(self, task_id: str, arguments: Any):
         """One Horovod training per argument list (the student and its no-teacher control)."""
@@ -74,8 +83,8 @@ class StepOperators:
 
             # deferrable: the triggerer follows the training, which can take days, not a worker slot
             return MPIJobOperator.partial(task_id=task_id, workers=RANKS, settings=self.settings, env_vars=self.env(),
-                                          worker_resources=RESOURCES["distill"], deferrable=True
-                                          ).expand(arguments=arguments)
+                                          worker_resources=RESOURCES["distill"], deferrable=True,
+                                          **self._pool(task_id)).expand(arguments=arguments)
         from bertdistill.orchestration.local import LocalStepOperator
 
         return LocalStepOperator.partial(task_id=task_id, env_vars=self.env(), ranks=RANKS).expand(arguments=arguments)

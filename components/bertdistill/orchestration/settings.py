@@ -43,6 +43,7 @@ class Settings:
     trainer_gpu_image: str = "bertdistill/trainer:0.1.0-gpu"
     s3_secret: str = "bertdistill-s3"
     gpu_resource: str = "nvidia.com/gpu"
+    gpu_pool: str = ""                  # Airflow pool for the GPU steps (create it first); empty: none
 
     @classmethod
     def load(cls) -> Settings:
