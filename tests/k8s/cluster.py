@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PODS, MPIJOBS = "v1/pods", "kubeflow.org/v2beta1/mpijobs"
+NETWORK_POLICIES = "networking.k8s.io/v1/networkpolicies"
 
 
 class Cluster:
@@ -44,6 +45,7 @@ class Cluster:
         self.url = str(self.emu.url).rstrip("/")
         self.emu.resources[PODS] = kmock.ResourceInfo(kind="Pod", namespaced=True)
         self.emu.resources[MPIJOBS] = kmock.ResourceInfo(kind="MPIJob", namespaced=True)
+        self.emu.resources[NETWORK_POLICIES] = kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True)
         self.emu[kmock.action.LIST, kmock.resource(PODS)] << self._list_pods  # kmock ignores selectors
         self.emu[kmock.action.FETCH, kmock.resource(PODS)] << self._fetch_pod  # and has no status or logs
         self.logs: dict[str, list[tuple[datetime, str]]] = {}

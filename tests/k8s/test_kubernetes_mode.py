@@ -62,7 +62,7 @@ def _created(cluster, resource: str) -> list[dict]:
 
 
 def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_run):
-    from tests.k8s.cluster import MPIJOBS, PODS
+    from tests.k8s.cluster import MPIJOBS, NETWORK_POLICIES, PODS
 
     root, proc = k8s_run
     out = proc.stdout + proc.stderr
@@ -109,6 +109,15 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     control = commands[1]
     assert control[control.index("--soft-mlm-weight") + 1] == control[control.index("--soft-nsp-weight") + 1] == "0"
     assert control[control.index("--output") + 1] == commands[0][commands[0].index("--output") + 1] + "/control"
+    # each MPIJob came with its own NetworkPolicy (its pods to each other, nothing else), removed with it
+    policies = _created(cluster, NETWORK_POLICIES)
+    assert sorted(p["metadata"]["name"] for p in policies) == sorted(j["metadata"]["name"] for j in jobs)
+    for policy in policies:
+        same = {"matchLabels": {"training.kubeflow.org/job-name": policy["metadata"]["name"]}}
+        assert policy["spec"]["podSelector"] == same
+        assert policy["spec"]["ingress"] == [{"from": [{"podSelector": same}]}]
+    assert {p["metadata"]["name"] for p in policies} <= {
+        r.name for r in cluster.requests(k.action.DELETE, k.resource(NETWORK_POLICIES))}
     job = jobs[0]
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
     assert worker["volumes"][0]["emptyDir"]["sizeLimit"] == RESOURCES["distill"]["scratch"]

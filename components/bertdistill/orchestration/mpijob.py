@@ -38,9 +38,11 @@ JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
 SSH_DIR = "/home/bertdistill/.ssh"
 SSH_PORT = 2222
 # What each rank needs from the launcher's environment (mpirun -x): the image's PATH (an ssh
-# session has sshd's own), the S3 credentials from the Secret, and the scratch folders.
+# session has sshd's own), the S3 credentials and the pipeline's MLflow user from the Secrets,
+# and the scratch folders.
 FORWARDED = ("PATH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "BERTDISTILL_SCRATCH",
              "HOME", "TMPDIR")
+MLFLOW_USER = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # forwarded when its Secret is set
 FINISHED_TTL = timedelta(hours=1)
 
 
@@ -60,9 +62,10 @@ def ti_labels(context: dict[str, Any]) -> dict[str, str]:
     return labels
 
 
-def mpirun_command(workers: int, arguments: Sequence[str], env: dict[str, str]) -> list[str]:
+def mpirun_command(workers: int, arguments: Sequence[str], env: dict[str, str], also: Sequence[str] = ()
+                   ) -> list[str]:
     """The launcher's command: one rank per worker slot, the environment every rank needs forwarded."""
-    forwarded = sorted({*env, *FORWARDED})
+    forwarded = sorted({*env, *FORWARDED, *also})
     return ["mpirun", "-np", str(workers), "--bind-to", "none", "--map-by", "slot",
             *[flag for name in forwarded for flag in ("-x", name)], "bertdistill", *arguments]
 
@@ -80,7 +83,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
         container = k8s.V1Container(
             name=role, image=image, command=command,
             env=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items())],
-            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
+            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in settings.secrets()],
             resources=container_resources(wanted, settings.gpu_resource),
             # workers' sshd and OpenMPI's daemons write the home folder and /tmp
             security_context=security_context(read_only_root=role == "launcher"),
@@ -105,7 +108,8 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
                           "ttlSecondsAfterFinished": int(FINISHED_TTL.total_seconds())},
             "mpiReplicaSpecs": {
                 "Launcher": {"replicas": 1, "restartPolicy": "Never",
-                             "template": template("launcher", mpirun_command(workers, arguments, env),
+                             "template": template("launcher", mpirun_command(workers, arguments, env,
+                                                                 MLFLOW_USER if settings.mlflow_secret else ()),
                                                   {"cpu": "1", "memory": "1Gi", "scratch": "1Gi"})},
                 "Worker": {"replicas": workers, "restartPolicy": "Never",
                            "template": template("worker", ["start-sshd"], resources, readiness_probe=listening)},
@@ -128,6 +132,24 @@ def outcome(job: dict[str, Any]) -> dict[str, Any] | None:
         if found:
             return {"type": kind, "reason": found.get("reason", ""), "message": found.get("message", "")}
     return None
+
+
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the MPI Operator puts it on the job's launcher and workers
+
+
+def isolation_policy(name: str, namespace: str, uid: str | None) -> dict[str, Any]:
+    """The NetworkPolicy that lets one MPIJob's pods reach each other (the workers' sshd on 2222,
+    OpenMPI's daemons, Horovod's rings) and nothing else reach them, past the chart's default
+    deny. Owned by the job (when its uid is known), so it goes when the job does."""
+    same_job = {"matchLabels": {JOB_NAME_LABEL: name}}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace,
+                                "labels": {"app.kubernetes.io/name": "bertdistill",
+                                           "app.kubernetes.io/component": "distill"}}
+    if uid:
+        metadata["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": uid}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata,
+            "spec": {"podSelector": same_job, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector":
+                                                                                              same_job}]}]}}
 
 
 class MPIJobLauncher:
@@ -163,7 +185,8 @@ class MPIJobLauncher:
         for attempt in range(3):
             name = f"{base}-{secrets.token_hex(4)}"
             try:
-                self._create(body_for(name))
+                created = self._create(body_for(name))
+                self._isolate(name, (created or {}).get("metadata", {}).get("uid"))
                 return name
             except _NameTaken:
                 if attempt == 2:
@@ -171,11 +194,23 @@ class MPIJobLauncher:
         raise AssertionError("unreachable")
 
     @generic_api_retry
-    def _create(self, body: dict[str, Any]) -> None:
+    def _isolate(self, name: str, uid: str | None) -> None:
+        from kubernetes.client import NetworkingV1Api
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.hook().custom_object_client.create_namespaced_custom_object(
+            NetworkingV1Api(self.hook().api_client).create_namespaced_network_policy(
+                self.namespace, isolation_policy(name, self.namespace, uid))
+        except ApiException as exc:
+            if exc.status != 409:  # made by an earlier attempt of this call
+                raise
+
+    @generic_api_retry
+    def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.hook().custom_object_client.create_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, body)
         except ApiException as exc:
             if exc.status == 409:  # a clash is answered with another name, not retried as is
@@ -222,12 +257,18 @@ class MPIJobLauncher:
 
     @generic_api_retry
     def delete(self, name: str) -> None:
+        from kubernetes.client import NetworkingV1Api
         from kubernetes.client.exceptions import ApiException
 
         try:
             self.hook().custom_object_client.delete_namespaced_custom_object(GROUP, VERSION, self.namespace,
                                                                              PLURAL, name)
             self.log.info("deleted MPIJob %s", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        try:  # its owner reference removes it too, where the cluster's garbage collector runs
+            NetworkingV1Api(self.hook().api_client).delete_namespaced_network_policy(name, self.namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise

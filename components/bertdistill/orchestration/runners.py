@@ -136,7 +136,7 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
         "image": settings.pipeline_gpu_image if "gpu" in wanted else settings.pipeline_image,
         "cmds": ["bertdistill"],
         "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH, "TMPDIR": SCRATCH},
-        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.s3_secret))],
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in settings.secrets()],
         "container_resources": container_resources(wanted, settings.gpu_resource),
         "container_security_context": security_context(),
         "volumes": [scratch_volume(wanted["scratch"])],

@@ -42,6 +42,7 @@ class Settings:
     trainer_image: str = "bertdistill/trainer:0.1.0"  # distill's MPIJob, when its workers request no GPU
     trainer_gpu_image: str = "bertdistill/trainer:0.1.0-gpu"
     s3_secret: str = "bertdistill-s3"
+    mlflow_secret: str = ""             # Secret with MLFLOW_TRACKING_USERNAME/_PASSWORD: the pipeline's MLflow user
     gpu_resource: str = "nvidia.com/gpu"
     gpu_pool: str = ""                  # Airflow pool for the GPU steps (create it first); empty: none
 
@@ -69,6 +70,10 @@ class Settings:
             raise ValueError(f"BERTDISTILL_MONTHLY_PARAMS: {unknown!r} are not form fields; use among "
                              f"{', '.join(DEFAULTS)}")
         return values
+
+    def secrets(self) -> list[str]:
+        """The Secrets a step pod loads whole (envFrom): the S3 keys and, with MLflow auth, the pipeline's user."""
+        return [self.s3_secret, *([self.mlflow_secret] if self.mlflow_secret else [])]
 
     @property
     def local_store(self) -> bool:
