@@ -71,13 +71,14 @@ def _scratch_folder(root: Path, name: str) -> Path:
 
 
 def pod_run_args(pod: dict[str, Any], *, name: str, secrets: dict[str, dict[str, str]], volumes_root: Path,
-                 network: str = "host", extra: list[str] | None = None) -> list[str]:
+                 network: str = "host", extra: list[str] | None = None,
+                 config_maps: dict[str, dict[str, str]] | None = None) -> list[str]:
     """`podman run` arguments for the pod's (only) container, its spec honoured field by field."""
     spec = pod["spec"]
     [container] = spec["containers"]
     unknown = set(container) - {"name", "image", "command", "args", "env", "envFrom", "resources",
-                                "securityContext", "volumeMounts", "readinessProbe", "workingDir",
-                                "ports", "terminationMessagePolicy"}  # neither changes what runs
+                                "securityContext", "volumeMounts", "readinessProbe", "livenessProbe", "workingDir",
+                                "ports", "terminationMessagePolicy", "imagePullPolicy"}  # neither changes what runs
     assert not unknown, f"the container runner does not know {unknown}: teach it before trusting it"
     args = ["run", "--name", name, "--network", network, "--pull", "never"]
     sc = {**(spec.get("securityContext") or {}), **(container.get("securityContext") or {})}
@@ -97,10 +98,20 @@ def pod_run_args(pod: dict[str, Any], *, name: str, secrets: dict[str, dict[str,
     for item in container.get("envFrom") or []:
         args += [f"--env={k}={v}" for k, v in secrets[item["secretRef"]["name"]].items()]
     for item in container.get("env") or []:
-        args.append(f"--env={item['name']}={item.get('value', '')}")
+        if "valueFrom" in item:  # a Secret's key, as the kubelet resolves it
+            ref = item["valueFrom"]["secretKeyRef"]
+            args.append(f"--env={item['name']}={secrets[ref['name']][ref['key']]}")
+        else:
+            args.append(f"--env={item['name']}={item.get('value', '')}")
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for mount in container.get("volumeMounts") or []:
         volume = volumes[mount["name"]]
+        if "configMap" in volume:  # its keys as files, read-only
+            folder = _scratch_folder(volumes_root, mount["name"])
+            for key, text in (config_maps or {})[volume["configMap"]["name"]].items():
+                (folder / key).write_text(text)
+            args += ["-v", f"{folder}:{mount['mountPath']}:ro"]
+            continue
         assert "emptyDir" in volume, f"volume {volume} is not emulated"
         args += ["-v", f"{_scratch_folder(volumes_root, mount['name'])}:{mount['mountPath']}"]
     if container.get("workingDir"):
