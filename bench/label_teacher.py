@@ -61,8 +61,9 @@ def main() -> None:
     from bertdistill.bert.checkpoints import load_teacher, read_hf_weights, save_teacher
     from bertdistill.bert.config import BertConfig
     from bertdistill.bert.model import Bert
+    from bertdistill.device import accelerator
     from bertdistill.sample import make_sample
-    from bertdistill.steps.label_teacher import LabelTeacherParams, accelerator, run
+    from bertdistill.steps.label_teacher import LabelTeacherParams, run
     from bertdistill.steps.make_examples import MakeExamplesParams
     from bertdistill.steps.make_examples import run as make_examples
 

@@ -11,7 +11,7 @@ import pytest
 from bertdistill.bert.checkpoints import load_teacher
 from bertdistill.errors import StepError
 from bertdistill.records import PRECISION, PROB_FLOOR, decode_labels, encode_labels, pretraining_shapes, read_labelled
-from bertdistill.steps.label_teacher import open_labels
+from bertdistill.shards import open_labels
 from tests.conftest import error_lines, run_cli
 
 tf = pytest.importorskip("tensorflow")

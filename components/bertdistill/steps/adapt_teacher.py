@@ -47,7 +47,7 @@ class AdaptTeacherParams:
 
 
 def _shards(examples: str, split: str) -> tuple[list[str], dict]:
-    from bertdistill.steps.label_teacher import examples_info
+    from bertdistill.shards import examples_info
 
     folder = open_folder(examples).join(split)
     names = [n for n in folder.list() if n.endswith(".tfrecord")]

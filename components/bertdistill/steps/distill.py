@@ -79,7 +79,7 @@ class DistillParams:
 
 
 def _label_shards(params: DistillParams, vocab_sha256: str) -> tuple[list[str], dict]:
-    from bertdistill.steps.label_teacher import open_labels
+    from bertdistill.shards import open_labels
 
     folder = open_folder(params.labels).join("train")
     names = [n for n in folder.list() if n.endswith(".tfrecord")]
@@ -177,9 +177,9 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     import tensorflow as tf
 
     from bertdistill.bert.model import Bert
+    from bertdistill.device import accelerator
     from bertdistill.losses import masked_lm_loss, next_sentence_loss, soft_mlm_loss, soft_next_sentence_loss
     from bertdistill.optim import AdamW
-    from bertdistill.steps.label_teacher import accelerator
     from bertdistill.tfdata import labelled_dataset
 
     G = params.grad_accum

@@ -66,7 +66,7 @@ def run(params: EvaluateParams) -> Manifest:
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
-        from bertdistill.steps.label_teacher import open_labels
+        from bertdistill.shards import open_labels
 
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)

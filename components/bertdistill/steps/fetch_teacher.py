@@ -94,7 +94,7 @@ def run(params: FetchTeacherParams) -> Manifest:
         save_teacher,
     )
     from bertdistill.bert.config import BertConfig
-    from bertdistill.steps.label_teacher import check_label_vocab
+    from bertdistill.shards import check_label_vocab
     from bertdistill.tokenization import Vocab
 
     output = open_folder(params.output)

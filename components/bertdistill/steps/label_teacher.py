@@ -21,10 +21,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+from bertdistill.device import accelerator
 from bertdistill.errors import StepError
-from bertdistill.manifest import Manifest, OutputWriter, manifest_name, read_manifest, run_step
+from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
-from bertdistill.records import LABEL_FEATURE, MAX_VOCAB, append_bytes_feature, encode_labels
+from bertdistill.records import LABEL_FEATURE, append_bytes_feature, encode_labels
+from bertdistill.shards import check_label_vocab, examples_info
 from bertdistill.store import split_uri
 from bertdistill.teachers import staged_teacher, teacher_identity
 from bertdistill.tfrecord import frame
@@ -41,19 +43,6 @@ class LabelTeacherParams:
     batch_size: int = 64
     max_examples: int = 0  # the first N of the shard (0: all)
     force: bool = False
-
-
-def examples_info(uri: str) -> dict:
-    """(L, P, vocab sha256, records) of an example shard, from the manifest make-examples wrote."""
-    folder, name = split_uri(uri)
-    manifest = read_manifest(folder, manifest_name(name))
-    if manifest is None or manifest.step != "make-examples":
-        raise StepError(f"{uri} has no make-examples manifest ({folder.child_uri(manifest_name(name))}): "
-                        "label only shards that make-examples wrote")
-    return {"max_seq_length": manifest.params["max_seq_length"],
-            "max_predictions_per_seq": manifest.params["max_predictions_per_seq"],
-            "vocab_sha256": manifest.summary["vocab_sha256"],
-            "records": manifest.outputs[name].get("records")}
 
 
 def run(params: LabelTeacherParams) -> Manifest:
@@ -92,13 +81,6 @@ def run(params: LabelTeacherParams) -> Manifest:
                     out_folder, work, output_file=out_name, force=params.force)
 
 
-def check_label_vocab(vocab_size: int, source: str) -> None:
-    """The label cache stores ids in 15 bits: refuse a larger vocab before any work is done."""
-    if vocab_size > MAX_VOCAB:
-        raise StepError(f"{source}: its vocab has {vocab_size:,} pieces, but the label cache stores token ids in "
-                        f"15 bits (at most {MAX_VOCAB:,} pieces); use a teacher with a smaller vocab")
-
-
 def make_labeller(model, k: int, jit: bool):
     """The compiled labelling function: examples -> (top-k ids, top-k probs, rest mass, NSP logits)."""
     import tensorflow as tf
@@ -114,14 +96,6 @@ def make_labeller(model, k: int, jit: bool):
         return top_ids, top_probs, rest, model.nsp_logits(sequence)
 
     return label
-
-
-def accelerator() -> tuple[bool, str]:
-    """(GPU present, training dtype): mixed precision where a GPU is, plain float32 on a CPU."""
-    import tensorflow as tf
-
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    return gpu, "bfloat16" if gpu else "float32"
 
 
 def _label(uri: str, out, config, weights, info: dict, params: LabelTeacherParams) -> dict:
@@ -176,19 +150,3 @@ def _label(uri: str, out, config, weights, info: dict, params: LabelTeacherParam
             "examples_per_second": examples / max(seconds, 1e-9),
             "label_bytes_per_example": label_bytes / max(examples, 1), "dtype": dtype,
             "mean_topk_mass": topk_mass / max(positions, 1)}
-
-
-def open_labels(uri: str, vocab_sha256: str, top_k: int) -> dict:
-    """Check a labelled shard before reading it: refused unless made with this vocab and this k."""
-    folder, name = split_uri(uri)
-    manifest = read_manifest(folder, manifest_name(name))
-    if manifest is None or manifest.step != "label-teacher":
-        raise StepError(f"{uri} has no label-teacher manifest: label the shard with label-teacher first")
-    made = manifest.summary
-    if made["vocab_sha256"] != vocab_sha256:
-        raise StepError(f"{uri} was labelled with another vocab (sha256 {made['vocab_sha256'][:12]}…, expected "
-                        f"{vocab_sha256[:12]}…): relabel with the run's teacher")
-    if made["top_k"] != top_k:
-        raise StepError(f"{uri} holds top-{made['top_k']} labels but top-{top_k} were asked for: relabel with "
-                        f"--top-k {top_k} or change the run's k")
-    return made

@@ -46,7 +46,7 @@ from bertdistill.tokenization import Vocab, wordpiece_tokenizer
 CHUNK_CHARS = 256 * 1024
 MIN_DOCS = 16
 BATCH = 4096
-BUCKET_BYTES = 256 << 20
+BUCKET_BYTES = 32 << 20  # what the shuffle holds in memory at once: one bucket, read whole to permute
 OUTPUT_BYTES_PER_INPUT_BYTE = 2  # per dupe pass, measured: about 1.4 at L=128 on Wikipedia text
 log = logging.getLogger(__name__)
 

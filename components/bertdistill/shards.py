@@ -1,0 +1,49 @@
+"""What a shard's manifest promises its readers: the contract between make-examples, label-teacher
+and the steps that read their shards (adapt-teacher, distill, evaluate).
+
+Kept apart from the steps so that no step imports another: a reader checks a shard here, with
+the same words whichever step reads it.
+"""
+
+from __future__ import annotations
+
+from bertdistill.errors import StepError
+from bertdistill.manifest import manifest_name, read_manifest
+from bertdistill.records import MAX_VOCAB
+from bertdistill.store import split_uri
+
+
+def examples_info(uri: str) -> dict:
+    """(L, P, vocab sha256, records) of an example shard, from the manifest make-examples wrote."""
+    folder, name = split_uri(uri)
+    manifest = read_manifest(folder, manifest_name(name))
+    if manifest is None or manifest.step != "make-examples":
+        raise StepError(f"{uri} has no make-examples manifest ({folder.child_uri(manifest_name(name))}): "
+                        "label only shards that make-examples wrote")
+    return {"max_seq_length": manifest.params["max_seq_length"],
+            "max_predictions_per_seq": manifest.params["max_predictions_per_seq"],
+            "vocab_sha256": manifest.summary["vocab_sha256"],
+            "records": manifest.outputs[name].get("records")}
+
+
+def check_label_vocab(vocab_size: int, source: str) -> None:
+    """The label cache stores ids in 15 bits: refuse a larger vocab before any work is done."""
+    if vocab_size > MAX_VOCAB:
+        raise StepError(f"{source}: its vocab has {vocab_size:,} pieces, but the label cache stores token ids in "
+                        f"15 bits (at most {MAX_VOCAB:,} pieces); use a teacher with a smaller vocab")
+
+
+def open_labels(uri: str, vocab_sha256: str, top_k: int) -> dict:
+    """Check a labelled shard before reading it: refused unless made with this vocab and this k."""
+    folder, name = split_uri(uri)
+    manifest = read_manifest(folder, manifest_name(name))
+    if manifest is None or manifest.step != "label-teacher":
+        raise StepError(f"{uri} has no label-teacher manifest: label the shard with label-teacher first")
+    made = manifest.summary
+    if made["vocab_sha256"] != vocab_sha256:
+        raise StepError(f"{uri} was labelled with another vocab (sha256 {made['vocab_sha256'][:12]}…, expected "
+                        f"{vocab_sha256[:12]}…): relabel with the run's teacher")
+    if made["top_k"] != top_k:
+        raise StepError(f"{uri} holds top-{made['top_k']} labels but top-{top_k} were asked for: relabel with "
+                        f"--top-k {top_k} or change the run's k")
+    return made
