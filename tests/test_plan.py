@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from bertdistill.errors import StepError
 from bertdistill.orchestration import plan as planning
 from bertdistill.orchestration.settings import Settings
 from bertdistill.steps.fetch_dump import Mirror, resolve_date
@@ -120,3 +122,23 @@ def test_a_gpu_step_may_wait_hours_to_be_scheduled_and_minutes_to_start():
     gpu, cpu = pod_kwargs(settings, "label_teacher", {}), pod_kwargs(settings, "make_examples", {})
     assert gpu["schedule_timeout_seconds"] == 6 * 3600 and cpu["schedule_timeout_seconds"] == 3600
     assert gpu["startup_timeout_seconds"] == cpu["startup_timeout_seconds"] == 600
+
+
+def test_check_dump_plans_the_newest_dump_and_stops_when_it_was_published(sample, tmp_path):
+    """The daily check: a plan for the sample's dump; once that dump's student is published (its
+    savedmodel manifest), nothing to do; more ranks than shards refused before any step."""
+    from bertdistill.orchestration import tasks
+
+    settings = Settings(store=str(tmp_path / "store"), mirror=str(sample / "mirror"), teacher=str(sample / "minilm"))
+    params = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1}
+    plan = tasks.check_dump(params, settings, as_of=datetime(2026, 11, 26, 3, tzinfo=UTC))
+    assert plan["date"] == "20160101" and plan["text"].endswith("/text/first1-2-1")
+    published = Path(plan["published"])
+    published.parent.mkdir(parents=True)
+    published.write_text('{"step": "publish", "params": {}, "inputs": {}, "summary": {"model_version": 3}}')
+    assert tasks.check_dump(params, settings, as_of=datetime(2026, 11, 27, 3, tzinfo=UTC)) is False
+    assert tasks.check_dump(params | {"force": True}, settings)["date"] == "20160101"
+    with pytest.raises(ValueError, match="at most as many ranks"):
+        tasks.check_dump(params | {"ranks": 3}, settings)
+    with pytest.raises(StepError, match=r"no dump dates listed .* on or before 2015-06-01"):
+        tasks.check_dump(params, settings, as_of=datetime(2015, 6, 1, tzinfo=UTC))
