@@ -39,4 +39,4 @@ def shuffled_output(out: BinaryIO, buckets: int, seed: int, scratch: Path) -> It
             f.seek(0)
             records = split_framed(f.read())
             order = np.random.default_rng([seed, b, 2]).permutation(len(records))
-            out.write(b"".join(records[i] for i in order))
+            out.writelines(records[i] for i in order)  # no joined copy of the bucket beside it

@@ -46,7 +46,8 @@ from bertdistill.tokenization import Vocab, wordpiece_tokenizer
 CHUNK_CHARS = 256 * 1024
 MIN_DOCS = 16
 BATCH = 4096
-BUCKET_BYTES = 32 << 20  # what the shuffle holds in memory at once: one bucket, read whole to permute
+BUCKET_BYTES = 16 << 20  # what the shuffle holds in memory at once: one bucket, read whole to permute
+MAX_BUCKETS = 512  # files open at once; past 8 GB of examples in one shard, buckets grow instead
 OUTPUT_BYTES_PER_INPUT_BYTE = 2  # per dupe pass, measured: about 1.4 at L=128 on Wikipedia text
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
     workers = params.workers or len(os.sched_getaffinity(0))
     progress = Progress(log, "make-examples", size)
     totals = {"examples": 0, "documents": 0, "chunks": 0, "input_bytes": size}
-    buckets = max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES))
+    buckets = min(MAX_BUCKETS, max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES)))
     # The Rust tokenizer must not start its own thread pool before we fork workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with shuffled_output(out, buckets, params.random_seed, scratch_dir()) as add:
