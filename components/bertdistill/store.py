@@ -5,13 +5,15 @@ Every step reads and writes through a `Folder`, so the same code runs against a 
 
 * No reader ever sees a partial file under its final name. Locally a write goes to a
   hidden temporary name in the same directory and is renamed into place; on S3 an object
-  only becomes visible once its upload has completed, so the upload goes straight to the
-  final key from a local scratch file.
-* Content hashes are cheap to ask for: uploads carry their sha256 in the object metadata,
+  only becomes visible once its upload has completed (a put, or a multipart upload that
+  `stream_write` feeds one part at a time).
+* Content hashes are cheap to ask for: puts carry their sha256 in the object metadata,
   and a folder's `_MANIFEST.json` lists the sha256 of what it holds.
 
-TensorFlow and WikiExtractor only read local files, which is why `local_copy` and
-`local_write` hand out real paths on every backend.
+Writers that produce a file front to back use `stream_write`, readers `open_read` (on S3
+a stream that resumes after a reset), so local scratch does not grow with a file's size.
+`local_copy` and `local_write` hand out real paths for the few tools that need one
+(WikiExtractor, safetensors, TensorFlow's SavedModel).
 """
 
 from __future__ import annotations
