@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -95,14 +96,16 @@ def pod_run_args(pod: dict[str, Any], *, name: str, secrets: dict[str, dict[str,
     memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     if memory:
         args += ["--memory", memory.replace("Gi", "g").replace("Mi", "m")]
+    env: dict[str, str] = {}
     for item in container.get("envFrom") or []:
-        args += [f"--env={k}={v}" for k, v in secrets[item["secretRef"]["name"]].items()]
+        env.update(secrets[item["secretRef"]["name"]])
     for item in container.get("env") or []:
         if "valueFrom" in item:  # a Secret's key, as the kubelet resolves it
             ref = item["valueFrom"]["secretKeyRef"]
-            args.append(f"--env={item['name']}={secrets[ref['name']][ref['key']]}")
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
         else:
-            args.append(f"--env={item['name']}={item.get('value', '')}")
+            env[item["name"]] = item.get("value", "")
+    args += [f"--env={k}={v}" for k, v in env.items()]
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for mount in container.get("volumeMounts") or []:
         volume = volumes[mount["name"]]
@@ -117,8 +120,15 @@ def pod_run_args(pod: dict[str, Any], *, name: str, secrets: dict[str, dict[str,
     if container.get("workingDir"):
         args += ["--workdir", container["workingDir"]]
     if container.get("command"):
-        args += ["--entrypoint", json.dumps(container["command"])]
-    return [*args, *(extra or []), container["image"], *(container.get("args") or [])]
+        args += ["--entrypoint", json.dumps([expand(a, env) for a in container["command"]])]
+    return [*args, *(extra or []), container["image"], *[expand(a, env) for a in container.get("args") or []]]
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """$(NAME) in a command or args, replaced by the container's variable as the kubelet does
+    ($$ escapes; an unknown name stays as written)."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
 def run_pod(pod: dict[str, Any], *, secrets: dict[str, dict[str, str]], volumes_root: Path, timeout: float = 900,
