@@ -41,5 +41,8 @@ def test_the_verdict_names_a_teacher_weaker_than_the_control():
     report["teacher"]["mlm_accuracy"] = 0.30
     report["distillation_gain"] = {"mlm_accuracy": 0.012, "ci95_low": 0.004, "ci95_high": 0.02}
     assert verdict(report).startswith("Distillation helped") and "weaker" not in verdict(report)
+    assert "no-teacher control" in verdict(report)
+    report["distillation_gain"] = {"mlm_accuracy": -0.012, "ci95_low": -0.02, "ci95_high": -0.004}
+    assert verdict(report).startswith("Distillation hurt") and "no-teacher control" in verdict(report)
     del report["distillation_gain"]
     assert "no no-teacher control was trained" in verdict(report)

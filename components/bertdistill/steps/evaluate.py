@@ -263,9 +263,11 @@ def verdict(report: dict) -> str:
     interval = f"{g['mlm_accuracy'] * 100:+.1f} points (95% interval {g['ci95_low'] * 100:+.1f} to " \
                f"{g['ci95_high'] * 100:+.1f})"
     if g["ci95_low"] > 0:
-        words = f"Distillation helped: the student beats the same student trained without the teacher by {interval}."
+        words = (f"Distillation helped: the student beats its no-teacher control (the same student trained "
+                 f"without the teacher) by {interval}.")
     elif g["ci95_high"] < 0:
-        words = f"Distillation hurt: the student trails the same student trained without the teacher by {interval}."
+        words = (f"Distillation hurt: the student trails its no-teacher control (the same student trained "
+                 f"without the teacher) by {interval}.")
     else:
         words = f"No measurable gain from the teacher: the student differs from its no-teacher control by {interval}."
     if t < c:
