@@ -185,12 +185,12 @@ def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publis
     import os
     import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
     import tensorflow as tf
 
+    from bertdistill.orchestration.mlflow_server import wait_healthy
     from bertdistill.tokenization import Vocab, wordpiece_tokenizer
     from tests.conftest import free_port
 
@@ -202,16 +202,11 @@ def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publis
                               env={**os.environ, **env, "PATH": f"{Path(mlflow_bin).parent}:{os.environ['PATH']}"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                assert time.monotonic() < deadline, "the model server did not answer /ping in 180 s"
-                time.sleep(2)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", server, timeout_s=180, path="/ping")
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}: {server.stdout.read()[-3000:] if server.poll() is not None else ''}"
+                                 ) from None
         text = "paris is the capital of [MASK] and its largest [MASK]."
         body = json.dumps({"inputs": {"text": [text]}, "params": {"top_k": 3}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

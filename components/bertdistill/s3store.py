@@ -195,8 +195,9 @@ def part_bytes() -> int:
 
 class MultipartUpload(io.RawIOBase):
     """A writable file that uploads itself in parts: a part fills a spill file in scratch, goes up
-    (botocore retries it), and the spill file is reused. Completed on success; aborted on failure
-    (and, if the server cannot be reached then, by the next run's remove_stale_temps)."""
+    (botocore retries it), and the spill file is reused. Closing it commits nothing: stream_write's
+    exit completes the upload on success and aborts it on failure (and, if the server cannot be
+    reached then, the next run's remove_stale_temps does)."""
 
     def __init__(self, folder: S3Folder, name: str):
         super().__init__()
@@ -219,9 +220,6 @@ class MultipartUpload(io.RawIOBase):
         if self.spill.tell() >= self.part_size:
             self._upload_part()
         return len(data)
-
-    def close(self) -> None:  # closing the file is not committing it: stream_write's exit does that
-        super().close()
 
     def _spilled(self) -> bytes:
         self.spill.seek(0)

@@ -59,19 +59,20 @@ def ensure_user(base: str, admin: tuple[str, str], user: str, password: str) -> 
     return "updated"
 
 
-def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 300, path: str = "/health") -> None:
+    """Until `server` answers 200 on `path`; RuntimeError if it exits first or takes longer."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
+            with urllib.request.urlopen(f"{base}{path}", timeout=5) as answer:
                 if answer.status == 200:
                     return
         except OSError:
             pass
         if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode} before it answered /health")
+            raise RuntimeError(f"the server exited with {server.returncode} before it answered {path}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server did not answer {base}/health in {timeout_s:.0f} s")
+            raise RuntimeError(f"the server did not answer {base}{path} in {timeout_s:.0f} s")
         time.sleep(1)
 
 
