@@ -35,7 +35,6 @@ from bertdistill.orchestration.runners import StepOperators
 from bertdistill.orchestration.settings import Settings
 
 SETTINGS = Settings.load()
-steps = StepOperators(SETTINGS)
 
 WIKIS = ["enwiki", "simplewiki", "dewiki", "frwiki", "eswiki", "itwiki", "nlwiki", "plwiki", "ptwiki", "svwiki"]
 VOCAB_SIZE = 30522  # bert-base-uncased, the default teachers' vocab; check_dump checks the real teacher's
@@ -128,75 +127,78 @@ def distillation(dag_id: str, schedule: str | None, defaults: dict, **kwargs):
         @task.short_circuit
         def check_dump(**context) -> dict | bool:
             """Resolve the dump date; stop the run here if this dump was already distilled (unless force)."""
-            from bertdistill.orchestration.tasks import check_dump
+            from bertdistill.orchestration import tasks
 
-            return check_dump(dict(context["params"]), as_of=context["dag_run"].run_after)
+            plan = tasks.check_dump(dict(context["params"]), as_of=context["dag_run"].run_after)
+            return plan.to_xcom() if plan else False
 
         @setup
         @task(multiple_outputs=True)
         def prepare(plan: dict, **context) -> dict:
             """Open the MLflow parent run; every step's arguments that do not depend on earlier outputs."""
-            from bertdistill.orchestration.tasks import prepare
+            from bertdistill.orchestration import tasks
 
             run_type = context["dag_run"].run_type
-            return prepare(plan, run_id=context["run_id"], dag_id=context["dag"].dag_id,
+            return tasks.prepare(plan, run_id=context["run_id"], dag_id=context["dag"].dag_id,
                            run_type=getattr(run_type, "value", run_type))
 
         @task
         def dump_files(plan: dict) -> list[list[str]]:
             """One extract per file fetch_dump committed."""
-            from bertdistill.orchestration.tasks import dump_arguments
+            from bertdistill.orchestration import tasks
 
-            return dump_arguments(plan)["extract"]
+            return tasks.dump_files(plan)
 
         @task
         def corpus(plan: dict) -> list[str]:
             """build_corpus over the articles of exactly those files."""
-            from bertdistill.orchestration.tasks import dump_arguments
+            from bertdistill.orchestration import tasks
 
-            return dump_arguments(plan)["build_corpus"]
+            return tasks.corpus(plan)
 
         @task
         def example_shards(plan: dict) -> list[list[str]]:
-            from bertdistill.orchestration.tasks import make_examples_arguments
+            from bertdistill.orchestration import tasks
 
-            return make_examples_arguments(plan)
+            return tasks.example_shards(plan)
+
+        @task.branch
+        def teacher_needs_head(plan: dict) -> str:
+            from bertdistill.orchestration import tasks
+
+            return "adapt_teacher" if tasks.teacher_needs_head(plan) else "teacher_ready"
+
+        @task(multiple_outputs=True, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+        def teacher_ready(plan: dict) -> dict:
+            from bertdistill.orchestration import tasks
+
+            return tasks.teacher_ready(plan)
 
         @task
         def labelled_shards(plan: dict, teacher: str) -> list[list[str]]:
-            from bertdistill.orchestration.plan import label_teacher_args
+            from bertdistill.orchestration import tasks
 
-            return label_teacher_args(plan, teacher)
+            return tasks.labelled_shards(plan, teacher)
 
         @task
         def trainings(plan: dict, teacher: str) -> list[list[str]]:
             """The student's distill and its no-teacher control's (unless the form turned it off)."""
-            from bertdistill.orchestration.plan import distill_args
+            from bertdistill.orchestration import tasks
 
-            return distill_args(plan, teacher)
-
-        @task.branch
-        def teacher_needs_head(plan: dict) -> str:
-            from bertdistill.orchestration.tasks import teacher_has_mlm_head
-
-            return "teacher_ready" if teacher_has_mlm_head(plan) else "adapt_teacher"
-
-        @task(multiple_outputs=True, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-        def teacher_ready(plan: dict) -> dict:
-            from bertdistill.orchestration.tasks import training_arguments
-
-            return training_arguments(plan)
+            return tasks.trainings(plan, teacher)
 
         @teardown
         def close_tracking(parent_run_id: str, **context) -> None:
             """FINISHED when every task succeeded or was skipped, else FAILED; step runs left open are KILLED."""
-            from bertdistill.orchestration.tasks import close_tracking
+            from bertdistill.orchestration import tasks
 
             states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
-            close_tracking(parent_run_id, states.get(context["run_id"], {}))
+            tasks.close_tracking(parent_run_id, states.get(context["run_id"], {}))
 
         plan = check_dump()
         args = prepare(plan)
+        # every step gets the MLflow parent run prepare opened, and distill its rank count
+        steps = StepOperators(SETTINGS, parent_run=args["parent_run_id"], ranks=args["ranks"])
         fetch_dump = steps.single("fetch_dump", args["fetch_dump"])
         files = dump_files(plan)
         extract = steps.mapped("extract", files)

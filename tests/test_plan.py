@@ -23,29 +23,30 @@ def test_a_trial_on_part_of_a_dump_shares_no_folder_with_the_full_run():
     full = planning.make_plan(FULL, SETTINGS, "20261101")
     trial = planning.make_plan(TRIAL, SETTINGS, "20261101")
     for key in FOLDERS:
-        assert full[key] != trial[key], key
-        assert not full[key].startswith(trial[key] + "/") and not trial[key].startswith(full[key] + "/"), key
-    assert planning.labels_folder(full, full["teacher"]) != planning.labels_folder(trial, trial["teacher"])
-    assert full["published"] != trial["published"]  # the trial's publish never marks the full run done
-    assert full["model_name"] == trial["model_name"]  # the same kind of student: they compete for the champion
-    assert full["text"].endswith("/text/all-8-1") and trial["text"].endswith("/text/first1-2-1")
+        assert getattr(full, key) != getattr(trial, key), key
+        mine, theirs = getattr(full, key), getattr(trial, key)
+        assert not mine.startswith(theirs + "/") and not theirs.startswith(mine + "/"), key
+    assert planning.labels_folder(full, full.teacher) != planning.labels_folder(trial, trial.teacher)
+    assert full.published != trial.published  # the trial's publish never marks the full run done
+    assert full.model_name == trial.model_name  # the same kind of student: they compete for the champion
+    assert full.text.endswith("/text/all-8-1") and trial.text.endswith("/text/first1-2-1")
 
 
 @pytest.mark.parametrize("change", [{"max_seq_length": 64}, {"max_predictions_per_seq": 10}, {"dupe_factor": 2}])
 def test_every_example_setting_keys_the_examples_labels_and_student(change):
     base = planning.make_plan(FULL, SETTINGS, "20261101")
     other = planning.make_plan(FULL | change, SETTINGS, "20261101")
-    assert base["text"] == other["text"]  # the text shards do not depend on it
+    assert base.text == other.text  # the text shards do not depend on it
     for key in ("examples", "adapted_teacher", "student"):
-        assert base[key] != other[key], key
-    assert planning.labels_folder(base, base["teacher"]) != planning.labels_folder(other, other["teacher"])
+        assert getattr(base, key) != getattr(other, key), key
+    assert planning.labels_folder(base, base.teacher) != planning.labels_folder(other, other.teacher)
 
 
 def test_build_corpus_reads_only_the_articles_of_the_selected_dump_files():
     plan = planning.make_plan(TRIAL, SETTINGS, "20261101")
     args = planning.build_corpus_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
     inputs = args[args.index("--input") + 1: args.index("--output")]
-    assert inputs == [f"{plan['articles']}/enwiki-20261101-pages-articles1"]
+    assert inputs == [f"{plan.articles}/enwiki-20261101-pages-articles1"]
     [extract] = planning.extract_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
     assert extract[extract.index("--output") + 1] == inputs[0]  # what extract wrote, and only that
 
@@ -54,7 +55,7 @@ def test_shard_counts_over_the_mapped_task_limit_are_refused_before_any_task():
     with pytest.raises(ValueError, match=r"= 1025: .* 1025 tasks, over Airflow's max_map_length of 1024") as exc:
         planning.full_params({"train_shards": 1000, "heldout_shards": 25})
     assert "train_shards + heldout_shards" in str(exc.value)
-    assert planning.full_params({"train_shards": 1000, "heldout_shards": 24})["train_shards"] == 1000
+    assert planning.full_params({"train_shards": 1000, "heldout_shards": 24}).train_shards == 1000
     with pytest.raises(ValueError, match="max_map_length of 8"):
         planning.full_params({"train_shards": 8, "heldout_shards": 1}, max_map_length=8)
 
@@ -62,7 +63,7 @@ def test_shard_counts_over_the_mapped_task_limit_are_refused_before_any_task():
 def test_more_ranks_than_train_shards_are_refused():
     with pytest.raises(ValueError, match=r"ranks = 4 but train_shards = 2: .* at most as many ranks"):
         planning.full_params({"train_shards": 2, "ranks": 4})
-    assert planning.full_params({"train_shards": 4, "ranks": 4})["ranks"] == 4
+    assert planning.full_params({"train_shards": 4, "ranks": 4}).ranks == 4
 
 
 def _dump(root, date: str, status: str, updated: str | None) -> None:
@@ -92,27 +93,27 @@ def test_latest_is_the_newest_dump_finished_at_the_runs_own_time(tmp_path):
 def test_the_teacher_labels_what_distill_and_evaluate_read_and_no_more():
     p = {"train_shards": 8, "heldout_shards": 1, "train_steps": 1000, "batch_size": 32, "ranks": 3}
     plan = planning.make_plan(p, SETTINGS, "20261101")
-    args = planning.label_teacher_args(plan, plan["teacher"])
+    args = planning.label_teacher_args(plan, plan.teacher)
     caps = {a[a.index("--input") + 1].rsplit("/", 2)[-2]: int(a[a.index("--max-examples") + 1]) for a in args}
     # 3 ranks split 8 shards 3/3/2: the 2-shard group reads 1000 x 32 / 2 = 16,000 examples of each
     assert caps == {"train": 16_000, "heldout": 50_000}
-    assert planning.labels_folder(plan, plan["teacher"]).endswith("/minilm-k10-n16000")
+    assert planning.labels_folder(plan, plan.teacher).endswith("/minilm-k10-n16000")
     more = planning.make_plan(p | {"train_steps": 2000}, SETTINGS, "20261101")
-    assert planning.labels_folder(more, more["teacher"]) != planning.labels_folder(plan, plan["teacher"])
-    assert planning.make_plan(p | {"ranks": 2}, SETTINGS, "20261101")["student"] != plan["student"]
+    assert planning.labels_folder(more, more.teacher) != planning.labels_folder(plan, plan.teacher)
+    assert planning.make_plan(p | {"ranks": 2}, SETTINGS, "20261101").student != plan.student
 
 
 def test_a_bigger_dump_gets_more_shards_so_each_fits_the_target():
     small = planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=2_000_000)
-    assert small["params"]["train_shards"] == 8  # the form's count: shards well under 2 GB
+    assert small.params.train_shards == 8  # the form's count: shards well under 2 GB
     enwiki = planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=22 * 10**9)  # dupe 10
-    shards = enwiki["params"]["train_shards"] + enwiki["params"]["heldout_shards"]
+    shards = enwiki.params.train_shards + enwiki.params.heldout_shards
     assert 22e9 * planning.EXAMPLE_BYTES_PER_DUMP_BYTE * 10 / shards <= 2048 << 20
-    assert enwiki["text"].endswith(f"/text/all-{enwiki['params']['train_shards']}-1")
+    assert enwiki.text.endswith(f"/text/all-{enwiki.params.train_shards}-1")
     with pytest.raises(ValueError, match=r"needs .* train shards to stay under 2048 MB"):
         planning.make_plan(FULL, SETTINGS, "20261101", dump_bytes=22 * 10**9, max_map_length=100)
     tight = Settings(store="s3://bucket/bd", shard_target_mb="1024")
-    assert planning.make_plan(FULL, tight, "20261101", dump_bytes=22 * 10**9)["params"]["train_shards"] > shards
+    assert planning.make_plan(FULL, tight, "20261101", dump_bytes=22 * 10**9).params.train_shards > shards
 
 
 def test_a_gpu_step_may_wait_hours_to_be_scheduled_and_minutes_to_start():
@@ -132,12 +133,12 @@ def test_check_dump_plans_the_newest_dump_and_stops_when_it_was_published(sample
     settings = Settings(store=str(tmp_path / "store"), mirror=str(sample / "mirror"), teacher=str(sample / "minilm"))
     params = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1}
     plan = tasks.check_dump(params, settings, as_of=datetime(2026, 11, 26, 3, tzinfo=UTC))
-    assert plan["date"] == "20160101" and plan["text"].endswith("/text/first1-2-1")
-    published = Path(plan["published"])
+    assert plan.date == "20160101" and plan.text.endswith("/text/first1-2-1")
+    published = Path(plan.published)
     published.parent.mkdir(parents=True)
     published.write_text('{"step": "publish", "params": {}, "inputs": {}, "summary": {"model_version": 3}}')
-    assert tasks.check_dump(params, settings, as_of=datetime(2026, 11, 27, 3, tzinfo=UTC)) is False
-    assert tasks.check_dump(params | {"force": True}, settings)["date"] == "20160101"
+    assert tasks.check_dump(params, settings, as_of=datetime(2026, 11, 27, 3, tzinfo=UTC)) is None
+    assert tasks.check_dump(params | {"force": True}, settings).date == "20160101"
     with pytest.raises(ValueError, match="at most as many ranks"):
         tasks.check_dump(params | {"ranks": 3}, settings)
     with pytest.raises(StepError, match=r"no dump dates listed .* on or before 2015-06-01"):

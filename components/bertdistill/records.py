@@ -104,6 +104,7 @@ def read_pretraining(f: BinaryIO, name: str = "<stream>") -> Iterator[dict[str, 
 # per example with the feature's framing.
 LABEL_FEATURE = b"teacher"
 LABEL_VERSION = 4
+TOP_K = 10  # teacher probabilities kept per masked position unless a run asks for another k
 LOGPROB_STEPS = 32.0
 ID_BITS, LOGPROB_BITS = 15, 8
 ENTRY_BITS = ID_BITS + LOGPROB_BITS

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bertdistill.bert.checkpoints import CONFIG, VOCAB, WEIGHTS
+from bertdistill.bert.config import CONFIG, VOCAB, WEIGHTS
 from bertdistill.errors import StepError
 from bertdistill.manifest import FOLDER_MANIFEST, read_manifest
 from bertdistill.store import open_folder, scratch_dir

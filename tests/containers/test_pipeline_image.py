@@ -106,20 +106,20 @@ def _on_cpu(pod: dict, images: dict[str, str]) -> dict:
     return pod
 
 
-def _steps(plan: dict, settings) -> list:
+def _steps(plan, settings) -> list:
     """(task id, arguments) of every pod step in the DAG's order, from the DAG's own functions."""
     from bertdistill.orchestration import plan as planning
     from bertdistill.orchestration import tasks
 
     steps = [("fetch_dump", planning.fetch_dump_args(plan, settings.mirror))]
-    steps.append(("extract", lambda: tasks.dump_arguments(plan)["extract"]))
-    steps.append(("build_corpus", lambda: tasks.dump_arguments(plan)["build_corpus"]))
+    steps.append(("extract", lambda: tasks.dump_files(plan)))
+    steps.append(("build_corpus", lambda: tasks.corpus(plan)))
     steps.append(("fetch_teacher", planning.fetch_teacher_args(plan)))
-    steps.append(("make_examples", lambda: tasks.make_examples_arguments(plan)))
+    steps.append(("make_examples", lambda: tasks.example_shards(plan)))
     steps.append(("adapt_teacher", planning.adapt_teacher_args(plan)))
-    steps.append(("label_teacher", lambda: planning.label_teacher_args(plan, plan["adapted_teacher"])))
-    steps.append(("distill", planning.distill_args(plan, plan["adapted_teacher"])))
-    steps.append(("evaluate", planning.evaluate_args(plan, plan["adapted_teacher"])))
+    steps.append(("label_teacher", lambda: planning.label_teacher_args(plan, plan.adapted_teacher)))
+    steps.append(("distill", planning.distill_args(plan, plan.adapted_teacher)))
+    steps.append(("evaluate", planning.evaluate_args(plan, plan.adapted_teacher)))
     steps.append(("publish", planning.publish_args(plan)))
     return steps
 
@@ -229,7 +229,7 @@ def test_evaluate_and_publish_reached_mlflow_from_their_pods(pipeline_runs, mlfl
     from bertdistill.orchestration import plan as planning
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    model = planning.make_plan(TINY, pipeline_runs["settings"], DATE)["model_name"]
+    model = planning.make_plan(TINY, pipeline_runs["settings"], DATE).model_name
     assert model.startswith("bertdistill-enwiki-")  # the DAG's name for this kind of student
     version = client.get_model_version_by_alias(model, "champion")
     assert int(version.version) >= 1

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bertdistill.bert.config import BertConfig
+from bertdistill.bert.config import CONFIG, VOCAB, WEIGHTS, BertConfig
 from bertdistill.bert.model import MLM_HEAD, NSP_HEAD, POOLER, variable_shapes
 from bertdistill.errors import StepError
 from bertdistill.tokenization import Vocab
 
 HEADS = {"mlm": MLM_HEAD, "nsp": NSP_HEAD, "pooler": POOLER}
-WEIGHTS, CONFIG, VOCAB = "model.safetensors", "bert_config.json", "vocab.txt"
 
 
 def heads_present(arrays: dict[str, np.ndarray]) -> list[str]:

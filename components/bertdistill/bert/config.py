@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, fields
 from bertdistill.errors import StepError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+# A teacher or student folder: these three files (named here, away from the model, so the data
+# steps that only check a folder never import TensorFlow).
+WEIGHTS, CONFIG, VOCAB = "model.safetensors", "bert_config.json", "vocab.txt"
 
 
 @dataclass(frozen=True)

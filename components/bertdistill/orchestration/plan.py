@@ -2,50 +2,114 @@
 
 Pure functions of (params, settings, the dump date), so the same plan comes out of the DAG,
 a test or a rerun, and a rerun finds the outputs of the first (resume = the steps' own
-manifests). The layout is DESIGN.md's, with two differences. Every folder below the
-articles is keyed by everything that shapes it: text by the dump files and shard counts
-(`text/<corpus key>`), examples, the adapted teacher and labels also by sequence length,
-masked positions and dupe factor, so a trial on part of a dump or with other settings never
-shares a folder with the full run (and never leaves shards a later run would read). And a
-student's folder is keyed by a hash of the settings that shape it rather than by an MLflow
-run id, so a retriggered run finds the half-trained student of the killed one and resumes it.
+manifests). The plan is a frozen dataclass; it travels between tasks as its JSON form
+(`to_xcom`, `from_xcom`: Airflow deserialises only its own classes from XCom).
+
+The layout is DESIGN.md's, with two differences. Every folder below the articles is keyed
+by everything that shapes it: text by the dump files and shard counts (`text/<corpus key>`),
+examples, the adapted teacher and labels also by sequence length, masked positions and dupe
+factor, so a trial on part of a dump or with other settings never shares a folder with the
+full run (and never leaves shards a later run would read). And a student's folder is keyed
+by a hash of the settings that shape it rather than by an MLflow run id, so a retriggered
+run finds the half-trained student of the killed one and resumes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
+from bertdistill.flags import default
+from bertdistill.manifest import FOLDER_MANIFEST
 from bertdistill.orchestration.settings import Settings
+from bertdistill.steps.adapt_teacher import AdaptTeacherParams
+from bertdistill.steps.build_corpus import BuildCorpusParams
+from bertdistill.steps.distill import DistillParams
+from bertdistill.steps.evaluate import EvaluateParams
+from bertdistill.steps.fetch_dump import FetchDumpParams
+from bertdistill.steps.make_examples import MakeExamplesParams
 
-MANIFEST = "_MANIFEST.json"
 
-# The form's fields with the defaults a monthly run uses (make demo passes smaller ones).
-DEFAULTS: dict[str, Any] = {
-    "wiki": "enwiki", "date": "latest", "max_dump_files": None, "teacher": None,
-    "train_shards": 8, "heldout_shards": 1, "max_seq_length": 128, "max_predictions_per_seq": 20,
-    "dupe_factor": 10, "adapt_steps": 300, "adapt_learning_rate": 4e-4, "student_layers": 3, "top_k": 10,
-    "train_steps": 10000, "batch_size": 32, "ranks": 1, "control": True, "force": False,
-}
+@dataclass(frozen=True)
+class RunParams:
+    """The form's fields and the defaults a monthly run uses (make demo passes smaller ones).
+
+    A field that is a step's setting takes the step's own default (flags.default), so the form and
+    `bertdistill <step> --help` cannot disagree. Three differ on purpose: train_steps (10,000, a
+    real student; distill's 300 is a quick trial from the command line), wiki (the form offers a
+    choice; fetch-dump has none) and what only the DAG knows (the teacher, ranks, control, force).
+    """
+
+    wiki: str = "enwiki"
+    date: str = default(FetchDumpParams, "date")
+    max_dump_files: int | None = default(FetchDumpParams, "max_files")
+    teacher: str | None = None  # None: the deployment's (BERTDISTILL_TEACHER)
+    train_shards: int = default(BuildCorpusParams, "train_shards")
+    heldout_shards: int = default(BuildCorpusParams, "heldout_shards")
+    max_seq_length: int = default(MakeExamplesParams, "max_seq_length")
+    max_predictions_per_seq: int = default(MakeExamplesParams, "max_predictions_per_seq")
+    dupe_factor: int = default(MakeExamplesParams, "dupe_factor")
+    adapt_steps: int = default(AdaptTeacherParams, "steps")
+    adapt_learning_rate: float = default(AdaptTeacherParams, "learning_rate")
+    student_layers: int = default(DistillParams, "student_layers")
+    top_k: int = default(DistillParams, "top_k")
+    train_steps: int = 10_000
+    batch_size: int = default(DistillParams, "batch_size")
+    ranks: int = 1
+    control: bool = True
+    force: bool = False
+
+
+DEFAULTS: dict[str, Any] = dataclasses.asdict(RunParams())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything later tasks need: the params as they will run, the dump date, every URI."""
+
+    params: RunParams
+    date: str
+    run: str
+    dumps: str
+    dump_folder: str
+    articles: str
+    text: str
+    examples: str
+    teacher_source: str
+    model_name: str
+    teacher: str
+    adapted_teacher: str
+    student: str
+    report: str
+    published: str
+
+    def to_xcom(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_xcom(cls, value: dict[str, Any]) -> Plan:
+        return cls(**value | {"params": RunParams(**value["params"])})
 
 
 MAX_MAP_LENGTH = 1024  # Airflow's [core] max_map_length default: most tasks one mapped task may expand to
 
 
-def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) -> dict[str, Any]:
+def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) -> RunParams:
     """The form's values over the defaults, refused when they cannot run (before any step starts)."""
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown params {', '.join(unknown)}; the form has {', '.join(DEFAULTS)}")
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    shards = p["train_shards"] + p["heldout_shards"]
+    p = RunParams(**{k: v for k, v in params.items() if v is not None})
+    shards = p.train_shards + p.heldout_shards
     if shards > max_map_length:
         raise ValueError(f"train_shards + heldout_shards = {shards}: make_examples and label_teacher would each "
                          f"expand to {shards} tasks, over Airflow's max_map_length of {max_map_length}; use fewer "
                          "shards (or raise [core] max_map_length)")
-    if p["ranks"] > p["train_shards"]:
-        raise ValueError(f"ranks = {p['ranks']} but train_shards = {p['train_shards']}: every Horovod rank reads "
+    if p.ranks > p.train_shards:
+        raise ValueError(f"ranks = {p.ranks} but train_shards = {p.train_shards}: every Horovod rank reads "
                          "its own train shards, so use at most as many ranks as train shards")
     return p
 
@@ -56,26 +120,26 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
 EXAMPLE_BYTES_PER_DUMP_BYTE = 3.0
 
 
-def sized(p: dict[str, Any], dump_bytes: int | None, shard_target_mb: int) -> dict[str, Any]:
+def sized(p: RunParams, dump_bytes: int | None, shard_target_mb: int) -> RunParams:
     """More train shards than the form asked for when the dump would make shards bigger than the
     target: a shard's examples pass through its make-examples pod's scratch (the whole-shard
     shuffle), so the target bounds that scratch whatever the dump's size."""
     if not dump_bytes:
         return p
-    examples = dump_bytes * EXAMPLE_BYTES_PER_DUMP_BYTE * p["dupe_factor"]
-    needed = -(-int(examples) // (shard_target_mb << 20)) - p["heldout_shards"]
-    return p | {"train_shards": max(p["train_shards"], needed)}
+    examples = dump_bytes * EXAMPLE_BYTES_PER_DUMP_BYTE * p.dupe_factor
+    needed = -(-int(examples) // (shard_target_mb << 20)) - p.heldout_shards
+    return dataclasses.replace(p, train_shards=max(p.train_shards, needed))
 
 
-def corpus_key(p: dict[str, Any]) -> str:
+def corpus_key(p: RunParams) -> str:
     """What shapes the text shards: which dump files, and how many train and held-out shards."""
-    files = f"first{p['max_dump_files']}" if p["max_dump_files"] else "all"
-    return f"{files}-{p['train_shards']}-{p['heldout_shards']}"
+    files = f"first{p.max_dump_files}" if p.max_dump_files else "all"
+    return f"{files}-{p.train_shards}-{p.heldout_shards}"
 
 
-def examples_key(p: dict[str, Any]) -> str:
+def examples_key(p: RunParams) -> str:
     """What shapes the examples made from those shards, below the corpus key."""
-    return f"{corpus_key(p)}/{p['max_seq_length']}-{p['max_predictions_per_seq']}-{p['dupe_factor']}"
+    return f"{corpus_key(p)}/{p.max_seq_length}-{p.max_predictions_per_seq}-{p.dupe_factor}"
 
 
 def _join(root: str, *parts: str) -> str:
@@ -87,151 +151,147 @@ def _key(values: dict[str, Any]) -> str:
 
 
 def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes: int | None = None,
-              max_map_length: int = MAX_MAP_LENGTH) -> dict[str, Any]:
-    """Everything later tasks need, as JSON (it travels by XCom): URIs, keys, static arguments.
+              max_map_length: int = MAX_MAP_LENGTH) -> Plan:
+    """Everything later tasks need: URIs and keys, from which each step's arguments follow.
 
     `dump_bytes` (the selected files' compressed size, from dumpstatus.json) raises the train
     shard count to keep each shard under the deployment's target size (`sized`)."""
     p = full_params(params, max_map_length)
     wanted = sized(p, dump_bytes, int(settings.shard_target_mb))
-    if wanted["train_shards"] != p["train_shards"]:
+    if wanted.train_shards != p.train_shards:
         try:
-            p = full_params(wanted, max_map_length)
+            p = full_params(dataclasses.asdict(wanted), max_map_length)
         except ValueError as exc:
-            raise ValueError(f"{exc} (a dump of {dump_bytes / 1e9:.1f} GB needs {wanted['train_shards']} train "
+            raise ValueError(f"{exc} (a dump of {dump_bytes / 1e9:.1f} GB needs {wanted.train_shards} train "
                              f"shards to stay under {settings.shard_target_mb} MB of examples per shard: raise "
                              "BERTDISTILL_SHARD_TARGET_MB, or give the pods more scratch)") from None
     root = settings.store_root()
-    run = _join(root, "runs", f"{p['wiki']}-{date}")
-    teacher_source = p["teacher"] or settings.teacher
+    run = _join(root, "runs", f"{p.wiki}-{date}")
+    teacher_source = p.teacher or settings.teacher
     teacher_name = teacher_source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip")
     examples = _join(run, "examples", examples_key(p))
     teacher = _join(root, "teachers", teacher_name)
     adapted = _join(run, "teachers", examples_key(p),
-                    f"{teacher_name}-adapted-{p['adapt_steps']}-lr{p['adapt_learning_rate']:g}")
-    student_key = _key({k: p[k] for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
+                    f"{teacher_name}-adapted-{p.adapt_steps}-lr{p.adapt_learning_rate:g}")
+    student_key = _key({k: getattr(p, k) for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
-    student = _join(run, "students", f"{p['student_layers']}l-k{p['top_k']}-{student_key}")
+    student = _join(run, "students", f"{p.student_layers}l-k{p.top_k}-{student_key}")
     # one registered model per kind of student: only like students (same wiki, teacher, shape and
     # sequence length) compete for its champion alias
-    model_name = f"bertdistill-{p['wiki']}-{teacher_name}-{p['student_layers']}l-{p['max_seq_length']}"
-    return {
-        "params": p, "date": date, "run": run, "dumps": _join(root, "dumps"),
-        "dump_folder": _join(root, "dumps", p["wiki"], date), "articles": _join(run, "articles"),
-        "text": _join(run, "text", corpus_key(p)), "examples": examples, "teacher_source": teacher_source,
-        "model_name": model_name,
-        "teacher": teacher, "adapted_teacher": adapted,
-        "student": student, "report": _join(student, "report"), "published": _join(student, "savedmodel", MANIFEST),
-    }
+    model_name = f"bertdistill-{p.wiki}-{teacher_name}-{p.student_layers}l-{p.max_seq_length}"
+    return Plan(params=p, date=date, run=run, dumps=_join(root, "dumps"),
+                dump_folder=_join(root, "dumps", p.wiki, date), articles=_join(run, "articles"),
+                text=_join(run, "text", corpus_key(p)), examples=examples,
+                teacher_source=teacher_source, model_name=model_name, teacher=teacher, adapted_teacher=adapted,
+                student=student, report=_join(student, "report"),
+                published=_join(student, "savedmodel", FOLDER_MANIFEST))
 
 
-def train_labels_per_shard(p: dict[str, Any]) -> int:
+def train_labels_per_shard(p: RunParams) -> int:
     """How many examples of each train shard distill will read: train steps x global batch over the
     shards of one Horovod group (ranks groups split the shards; the smallest group has
     train_shards // ranks of them). Labelling more would be teacher time nobody trains on."""
-    return -(-p["train_steps"] * p["batch_size"] // (p["train_shards"] // p["ranks"]))
+    return -(-p.train_steps * p.batch_size // (p.train_shards // p.ranks))
 
 
-def labels_folder(plan: dict[str, Any], teacher: str) -> str:
-    p = plan["params"]
-    return _join(plan["run"], "labels", examples_key(p),
-                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{p['top_k']}-n{train_labels_per_shard(p)}")
+def labels_folder(plan: Plan, teacher: str) -> str:
+    p = plan.params
+    return _join(plan.run, "labels", examples_key(p),
+                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{p.top_k}-n{train_labels_per_shard(p)}")
 
 
 # -- arguments of each step (after `bertdistill`) ---------------------------------------------
-def fetch_dump_args(plan: dict, mirror: str) -> list[str]:
-    p = plan["params"]
-    args = ["fetch-dump", "--wiki", p["wiki"], "--date", plan["date"], "--mirror", mirror, "--output", plan["dumps"]]
-    if p["max_dump_files"]:
-        args += ["--max-files", str(p["max_dump_files"])]
+def fetch_dump_args(plan: Plan, mirror: str) -> list[str]:
+    p = plan.params
+    args = ["fetch-dump", "--wiki", p.wiki, "--date", plan.date, "--mirror", mirror, "--output", plan.dumps]
+    if p.max_dump_files:
+        args += ["--max-files", str(p.max_dump_files)]
     return args + _force(plan)
 
 
-def extract_args(plan: dict, dump_files: list[str]) -> list[list[str]]:
+def extract_args(plan: Plan, dump_files: list[str]) -> list[list[str]]:
     """One extract per dump file, each into its own articles/<file>/ folder."""
-    return [["extract", "--input", _join(plan["dump_folder"], name),
+    return [["extract", "--input", _join(plan.dump_folder, name),
              "--output", articles_folder(plan, name), *_force(plan)] for name in dump_files]
 
 
-def articles_folder(plan: dict, dump_file: str) -> str:
-    return _join(plan["articles"], dump_file.split(".xml")[0])
+def articles_folder(plan: Plan, dump_file: str) -> str:
+    return _join(plan.articles, dump_file.split(".xml")[0])
 
 
-def build_corpus_args(plan: dict, dump_files: list[str]) -> list[str]:
+def build_corpus_args(plan: Plan, dump_files: list[str]) -> list[str]:
     """The articles of these dump files only: a trial on the first N never reads the full run's others."""
-    p = plan["params"]
-    return ["build-corpus", "--input", *[articles_folder(plan, n) for n in dump_files], "--output", plan["text"],
-            "--train-shards", str(p["train_shards"]), "--heldout-shards", str(p["heldout_shards"]), *_force(plan)]
+    p = plan.params
+    return ["build-corpus", "--input", *[articles_folder(plan, n) for n in dump_files], "--output", plan.text,
+            "--train-shards", str(p.train_shards), "--heldout-shards", str(p.heldout_shards), *_force(plan)]
 
 
-def text_shards(plan: dict) -> list[str]:
+def text_shards(plan: Plan) -> list[str]:
     """Shard names ('train/shard-00000') the build-corpus settings produce."""
-    p = plan["params"]
-    return ([f"train/shard-{i:05d}" for i in range(p["train_shards"])]
-            + [f"heldout/shard-{i:05d}" for i in range(p["heldout_shards"])])
+    p = plan.params
+    return ([f"train/shard-{i:05d}" for i in range(p.train_shards)]
+            + [f"heldout/shard-{i:05d}" for i in range(p.heldout_shards)])
 
 
-def make_examples_args(plan: dict, vocab_file: str) -> list[list[str]]:
-    p = plan["params"]
-    return [["make-examples", "--input", _join(plan["text"], f"{s}.txt"),
-             "--output", _join(plan["examples"], f"{s}.tfrecord"), "--vocab-file", vocab_file,
-             "--max-seq-length", str(p["max_seq_length"]), "--max-predictions-per-seq",
-             str(p["max_predictions_per_seq"]), "--dupe-factor", str(p["dupe_factor"]), *_force(plan)]
+def make_examples_args(plan: Plan, vocab_file: str) -> list[list[str]]:
+    p = plan.params
+    return [["make-examples", "--input", _join(plan.text, f"{s}.txt"),
+             "--output", _join(plan.examples, f"{s}.tfrecord"), "--vocab-file", vocab_file,
+             "--max-seq-length", str(p.max_seq_length), "--max-predictions-per-seq",
+             str(p.max_predictions_per_seq), "--dupe-factor", str(p.dupe_factor), *_force(plan)]
             for s in text_shards(plan)]
 
 
-def fetch_teacher_args(plan: dict) -> list[str]:
-    return ["fetch-teacher", "--source", plan["teacher_source"], "--output", plan["teacher"]]
+def fetch_teacher_args(plan: Plan) -> list[str]:
+    return ["fetch-teacher", "--source", plan.teacher_source, "--output", plan.teacher]
 
 
-def adapt_teacher_args(plan: dict) -> list[str]:
-    return ["adapt-teacher", "--teacher", plan["teacher"], "--examples", plan["examples"], "--output",
-            plan["adapted_teacher"], "--steps", str(plan["params"]["adapt_steps"]), "--learning-rate",
-            str(plan["params"]["adapt_learning_rate"]), *_force(plan)]
+def adapt_teacher_args(plan: Plan) -> list[str]:
+    return ["adapt-teacher", "--teacher", plan.teacher, "--examples", plan.examples, "--output",
+            plan.adapted_teacher, "--steps", str(plan.params.adapt_steps), "--learning-rate",
+            str(plan.params.adapt_learning_rate), *_force(plan)]
 
 
-def label_teacher_args(plan: dict, teacher: str) -> list[list[str]]:
+def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
     """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads."""
-    from bertdistill.steps.evaluate import EvaluateParams
-
     labels = labels_folder(plan, teacher)
-    cap = {"train": train_labels_per_shard(plan["params"]), "heldout": EvaluateParams.max_examples}
-    return [["label-teacher", "--teacher", teacher, "--input", _join(plan["examples"], f"{s}.tfrecord"),
-             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan["params"]["top_k"]),
+    cap = {"train": train_labels_per_shard(plan.params), "heldout": default(EvaluateParams, "max_examples")}
+    return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
+             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan.params.top_k),
              "--max-examples", str(cap[s.split("/")[0]]), *_force(plan)]
             for s in text_shards(plan)]
 
 
-def control_folder(plan: dict) -> str:
+def control_folder(plan: Plan) -> str:
     """The no-teacher control lives inside its student's folder: same settings, same key."""
-    return _join(plan["student"], "control")
+    return _join(plan.student, "control")
 
 
-def distill_args(plan: dict, teacher: str) -> list[list[str]]:
+def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
     """The student, and (unless the form turned it off) its no-teacher control: the same student, init,
     data and steps on the hard labels only, so evaluate can say what the teacher added."""
-    p = plan["params"]
+    p = plan.params
     common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
-              "--student-layers", str(p["student_layers"]), "--top-k", str(p["top_k"]), "--steps",
-              str(p["train_steps"]), "--batch-size", str(p["batch_size"]), "--grad-accum", str(p["ranks"]),
-              "--checkpoint-every", str(max(1, min(500, p["train_steps"] // 4))), *_force(plan)]
-    runs = [[*common, "--output", plan["student"]]]
-    if p["control"]:
+              "--student-layers", str(p.student_layers), "--top-k", str(p.top_k), "--steps",
+              str(p.train_steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),
+              "--checkpoint-every", str(max(1, min(500, p.train_steps // 4))), *_force(plan)]
+    runs = [[*common, "--output", plan.student]]
+    if p.control:
         runs.append([*common, "--output", control_folder(plan), "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"])
     return runs
 
 
-def evaluate_args(plan: dict, teacher: str) -> list[str]:
-    control = ["--control", control_folder(plan)] if plan["params"]["control"] else []
-    return ["evaluate", "--teacher", teacher, "--student", plan["student"], "--heldout",
-            _join(labels_folder(plan, teacher), "heldout"), "--output", plan["report"],
-            "--top-k", str(plan["params"]["top_k"]), "--champion", plan["model_name"], *control, *_force(plan)]
+def evaluate_args(plan: Plan, teacher: str) -> list[str]:
+    control = ["--control", control_folder(plan)] if plan.params.control else []
+    return ["evaluate", "--teacher", teacher, "--student", plan.student, "--heldout",
+            _join(labels_folder(plan, teacher), "heldout"), "--output", plan.report,
+            "--top-k", str(plan.params.top_k), "--champion", plan.model_name, *control, *_force(plan)]
 
 
-def publish_args(plan: dict) -> list[str]:
-    return ["publish", "--student", plan["student"], "--report", plan["report"], "--model-name", plan["model_name"],
+def publish_args(plan: Plan) -> list[str]:
+    return ["publish", "--student", plan.student, "--report", plan.report, "--model-name", plan.model_name,
             *_force(plan)]
 
 
-def _force(plan: dict) -> list[str]:
-    return ["--force"] if plan["params"]["force"] else []
+def _force(plan: Plan) -> list[str]:
+    return ["--force"] if plan.params.force else []

@@ -1,8 +1,9 @@
 """One way to declare a step in the DAG, whatever runs it: a local process, a pod, an MPIJob.
 
-The DAG asks for `single`, `mapped` or `distill` (mapped, MPIJobs in Kubernetes) tasks; the mode in Settings decides the
-operator. All take the step's arguments (after `bertdistill`) from XCom, and all give the
-step the same environment: tracking settings, the MLflow parent run of this DAG run, and in
+The DAG asks for `single`, `mapped` or `distill` (mapped, MPIJobs in Kubernetes) tasks; the mode
+in Settings decides the operator. All take the step's arguments (after `bertdistill`) from an
+upstream task's output, and all give the step the same environment: tracking settings, the
+MLflow parent run of this DAG run (prepare's output, passed in as an XComArg), and in
 Kubernetes the S3 credentials from a Secret (never from DAG code). In both modes a step that
 refuses its input (exit 2) fails its task at once; any other failure is left to the retries.
 """
@@ -13,8 +14,6 @@ from typing import Any
 
 from bertdistill.orchestration.settings import Settings
 
-PARENT_RUN = "{{ ti.xcom_pull(task_ids='prepare', key='parent_run_id') }}"
-RANKS = "{{ ti.xcom_pull(task_ids='prepare', key='ranks') }}"
 SCRATCH = "/scratch"
 
 # requests (= limits for memory and scratch) per step in the kubernetes mode; label-teacher runs the
@@ -53,11 +52,14 @@ def scratch_volume(size: str | None):
 
 
 class StepOperators:
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    """The step tasks of one DAG. `parent_run` and `ranks` are task outputs (XComArgs) or plain
+    values: Airflow resolves them when a task runs and makes each step task wait for them."""
 
-    def env(self) -> dict[str, str]:
-        return {**self.settings.step_env(), "BERTDISTILL_PARENT_RUN_ID": PARENT_RUN}
+    def __init__(self, settings: Settings, parent_run: Any = "", ranks: Any = 1):
+        self.settings, self.parent_run, self.ranks = settings, parent_run, ranks
+
+    def env(self) -> dict[str, Any]:
+        return {**self.settings.step_env(), "BERTDISTILL_PARENT_RUN_ID": self.parent_run}
 
     def single(self, task_id: str, arguments: Any):
         cls, kwargs = self._operator(task_id)
@@ -82,12 +84,13 @@ class StepOperators:
             from bertdistill.orchestration.mpijob import MPIJobOperator
 
             # deferrable: the triggerer follows the training, which can take days, not a worker slot
-            return MPIJobOperator.partial(task_id=task_id, workers=RANKS, settings=self.settings, env_vars=self.env(),
-                                          worker_resources=RESOURCES["distill"], deferrable=True,
-                                          **self._pool(task_id)).expand(arguments=arguments)
+            return MPIJobOperator.partial(task_id=task_id, workers=self.ranks, settings=self.settings,
+                                          env_vars=self.env(), worker_resources=RESOURCES["distill"],
+                                          deferrable=True, **self._pool(task_id)).expand(arguments=arguments)
         from bertdistill.orchestration.local import LocalStepOperator
 
-        return LocalStepOperator.partial(task_id=task_id, env_vars=self.env(), ranks=RANKS).expand(arguments=arguments)
+        return LocalStepOperator.partial(task_id=task_id, env_vars=self.env(),
+                                         ranks=self.ranks).expand(arguments=arguments)
 
     def _operator(self, task_id: str) -> tuple[type, dict[str, Any]]:
         if self.settings.mode == "kubernetes":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, scratch_dir
@@ -33,16 +34,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AdaptTeacherParams:
-    teacher: str
-    examples: str
-    output: str
-    freeze_encoder: bool = False
-    steps: int = 300
-    batch_size: int = 32
-    learning_rate: float = 4e-4
-    warmup_steps: int = 30
-    eval_examples: int = 2048
-    seed: int = 0
+    teacher: str = flag(help="teacher folder URI (from fetch-teacher)")
+    examples: str = flag(help="examples folder URI with train/ and heldout/ shards")
+    output: str = flag(help="adapted teacher folder URI")
+    freeze_encoder: bool = flag(False, help="fit the heads only; keep the encoder fixed")
+    steps: int = flag(300, minimum=1, help="training steps")
+    batch_size: int = flag(32, minimum=1, help="examples per step")
+    learning_rate: float = flag(4e-4, help="peak learning rate (AdamW)")
+    warmup_steps: int = flag(30, help="linear warm-up steps")
+    eval_examples: int = flag(2048, minimum=1, help="held-out examples to evaluate on")
+    seed: int = flag(0, help="seed for head initialisation and shuffling")
     force: bool = False
 
 

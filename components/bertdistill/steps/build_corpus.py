@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import sentencex
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, is_manifest, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder
@@ -32,12 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildCorpusParams:
-    input: list[str]  # article folders: the DAG passes one per dump file it selected, never a parent of others
-    output: str
-    train_shards: int = 8
-    heldout_shards: int = 1
-    language: str = "en"
-    min_sentence_chars: int = 2
+    input: list[str] = flag(help="articles folder URI(s) (extract's outputs, one per dump file): read these and "
+                            "only these (the DAG passes one per dump file it selected, never a parent of others)")
+    output: str = flag(help="text folder URI; writes train/ and heldout/ shards")
+    train_shards: int = flag(8, minimum=1, help="number of train shards")
+    heldout_shards: int = flag(1, minimum=0, help="number of held-out shards (0 allowed)")
+    language: str = flag("en", help="language code for the sentence splitter")
+    min_sentence_chars: int = flag(2, minimum=1, help="shorter sentences are dropped")
     force: bool = False
 
 

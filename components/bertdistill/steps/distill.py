@@ -32,8 +32,10 @@ import numpy as np
 
 from bertdistill import tracking
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
+from bertdistill.records import TOP_K
 from bertdistill.store import Folder, open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
@@ -42,29 +44,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DistillParams:
-    teacher: str
-    labels: str
-    output: str
-    student_layers: int | None = 3
-    student_hidden: int | None = None
-    student_config: str | None = None
-    student_init: str = "teacher"
-    top_k: int = 10
-    steps: int = 300
-    batch_size: int = 32
-    grad_accum: int = 1
-    learning_rate: float = 5e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    temperature: float = 1.0
-    soft_mlm_weight: float = 1.0
-    hard_mlm_weight: float = 1.0
-    nsp_weight: float = 0.5
-    soft_nsp_weight: float = 0.5
-    checkpoint_every: int = 100
-    seed: int = 0
-    lr_scaling: str = "none"
-    threads: int = 0
+    teacher: str = flag(help="teacher folder URI (the one that made the labels)")
+    labels: str = flag(help="labels folder URI with train/ labelled shards")
+    output: str = flag(help="student folder URI: checkpoints/ and export/")
+    student_layers: int | None = flag(3, minimum=1, help="student layers (teacher's config otherwise)")
+    student_hidden: int | None = flag(None, minimum=1, help="student hidden size (default: teacher's)")
+    student_config: str | None = flag(None, help="explicit student config.json (overrides the two above)")
+    student_init: str = flag("teacher", choices=("teacher", "random"),
+                             help="start from evenly spaced teacher layers (DistilBERT) or random weights")
+    top_k: int = flag(TOP_K, minimum=1, help="k the labels must have been made with")
+    steps: int = flag(300, minimum=1, help="optimizer steps")
+    batch_size: int = flag(32, minimum=1, help="examples per micro-batch")
+    grad_accum: int = flag(1, minimum=1, help="micro-batches per optimizer step over all ranks (a multiple of the "
+                           "rank count); global batch = batch-size x grad-accum at any scale")
+    learning_rate: float = flag(5e-4, help="peak learning rate (AdamW)")
+    warmup_steps: int = flag(30, help="linear warm-up steps")
+    weight_decay: float = flag(0.01, help="AdamW weight decay")
+    temperature: float = flag(1.0, help="distillation temperature T")
+    soft_mlm_weight: float = flag(1.0, help="weight of T^2 KL on the cached top-k")
+    hard_mlm_weight: float = flag(1.0, help="weight of cross-entropy on masked_lm_ids")
+    nsp_weight: float = flag(0.5, help="weight of next-sentence loss on the labels")
+    soft_nsp_weight: float = flag(0.5, help="weight of KL on the teacher's NSP logits (both soft weights 0: the "
+                                  "no-teacher control, hard labels only)")
+    checkpoint_every: int = flag(100, minimum=1, help="steps between checkpoints")
+    seed: int = flag(0, help="seed: data order, dropout masks, random init")
+    lr_scaling: str = flag("none", choices=("none", "linear"), help="linear: multiply the learning rate by "
+                           "grad-accum, the global batch over batch-size (the same at any rank count)")
+    threads: int = flag(0, help="TensorFlow intra-op threads per process (0: default)")
     force: bool = False
 
     def validate(self) -> None:

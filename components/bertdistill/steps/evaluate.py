@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.records import TOP_K
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
@@ -39,16 +41,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvaluateParams:
-    teacher: str
-    student: str
-    heldout: str
-    output: str
-    control: str | None = None
-    champion: str | None = None  # registered model name: its champion is scored too
-    top_k: int = 10
-    batch_size: int = 64
-    max_examples: int = 50_000  # 0: all; bounded by default, whatever the dump's size
-    latency_batch: int = 32
+    teacher: str = flag(help="teacher folder URI (the one that made the labels)")
+    student: str = flag(help="student folder URI (distill's output, with export/)")
+    heldout: str = flag(help="folder URI of the held-out labelled shards")
+    output: str = flag(help="report folder URI (report.json, report.png)")
+    control: str | None = flag(None, help="the no-teacher control's student folder URI (distill with "
+                               "--soft-mlm-weight 0 --soft-nsp-weight 0, same init, data and steps): the report "
+                               "adds the distillation gain")
+    champion: str | None = flag(None, metavar="MODEL_NAME", help="registered model whose current champion is "
+                                "scored on the same held-out examples when its vocab and sequence length match "
+                                "(publish then decides on those figures)")
+    top_k: int = flag(TOP_K, minimum=1, help="k the labels must have been made with")
+    batch_size: int = flag(64, minimum=1, help="examples per evaluation batch")
+    max_examples: int = flag(50_000, help="evaluate on the first N held-out examples (0: all); the default bounds "
+                             "evaluate's time at any dump size (50,000 examples: about 1 M masked positions at "
+                             "128 tokens)")
+    latency_batch: int = flag(32, minimum=1, help="batch size of the latency measurement")
     force: bool = False
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, split_uri
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExtractParams:
-    input: str
-    output: str
-    processes: int = 0  # 0: one per available core
+    input: str = flag(help="dump file URI (.xml, .xml.bz2)")
+    output: str = flag(help="articles folder URI (part-NNNNN.jsonl.gz)")
+    processes: int = flag(0, help="WikiExtractor processes (0: one per available core)")
     force: bool = False
 
 

@@ -28,6 +28,7 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 from bertdistill.errors import StepError, TransientError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, scratch_dir
@@ -42,11 +43,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FetchDumpParams:
-    wiki: str
-    date: str
-    output: str
-    mirror: str = DEFAULT_MIRROR
-    max_files: int | None = None
+    wiki: str = flag(help="wiki database name, e.g. enwiki")
+    output: str = flag(help="dumps root URI; files land in <output>/<wiki>/<date>/")
+    date: str = flag("latest", help="dump date YYYYMMDD, or 'latest' (newest finished dump)")
+    mirror: str = flag(DEFAULT_MIRROR, help="dump server base URL, local folder or file:// URL laid out like "
+                       "dumps.wikimedia.org")
+    max_files: int | None = flag(None, minimum=1, help="fetch only the first N pages-articles files (default: all)")
     force: bool = False
 
 

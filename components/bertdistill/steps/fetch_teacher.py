@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.store import open_folder, scratch_dir, sha256_file
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FetchTeacherParams:
-    output: str
-    source: str = GOOGLE_BERT_BASE_UNCASED
+    output: str = flag(help="teacher folder URI, e.g. data/teachers/bert-base-uncased")
+    source: str = flag(GOOGLE_BERT_BASE_UNCASED, help="Google BERT zip (URL or path), or a Hugging Face folder "
+                       "with config.json, model.safetensors and vocab.txt")
     force: bool = False
 
 

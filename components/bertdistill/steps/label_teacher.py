@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from bertdistill.device import accelerator
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
-from bertdistill.records import LABEL_FEATURE, append_bytes_feature, encode_labels
+from bertdistill.records import LABEL_FEATURE, TOP_K, append_bytes_feature, encode_labels
 from bertdistill.shards import check_label_vocab, examples_info
 from bertdistill.store import split_uri
 from bertdistill.teachers import staged_teacher, teacher_identity
@@ -36,12 +37,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LabelTeacherParams:
-    teacher: str
-    input: str
-    output: str
-    top_k: int = 10
-    batch_size: int = 64
-    max_examples: int = 0  # the first N of the shard (0: all)
+    teacher: str = flag(help="teacher folder URI (with a masked-LM head)")
+    input: str = flag(help="example shard URI (from make-examples)")
+    output: str = flag(help="labelled shard URI to write")
+    top_k: int = flag(TOP_K, minimum=1, help="probabilities kept per masked position")
+    batch_size: int = flag(64, minimum=1, help="examples per inference batch")
+    max_examples: int = flag(0, help="label only the first N examples of the shard (0: all): the DAG passes what "
+                             "distill will consume, so the teacher never labels examples nobody trains on")
     force: bool = False
 
 

@@ -36,6 +36,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bertdistill.errors import StepError
+from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import PretrainingBatch, encode_pretraining
@@ -54,18 +55,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MakeExamplesParams:
-    input: str
-    output: str
-    vocab_file: str
-    max_seq_length: int = 128
-    max_predictions_per_seq: int = 20
-    masked_lm_prob: float = 0.15
-    dupe_factor: int = 10
-    short_seq_prob: float = 0.1
-    random_seed: int = 12345
-    do_whole_word_mask: bool = False
-    do_lower_case: bool = True
-    workers: int = 0  # 0: one per available core; does not change the output
+    input: str = flag(help="text shard URI (one sentence per line, blank line between docs)")
+    output: str = flag(help="TFRecord URI to write")
+    vocab_file: str = flag(help="WordPiece vocab.txt URI")
+    max_seq_length: int = flag(128, help="maximum sequence length (L)")
+    max_predictions_per_seq: int = flag(20, help="maximum masked positions (P)")
+    masked_lm_prob: float = flag(0.15, help="share of tokens to mask")
+    dupe_factor: int = flag(10, help="passes over the input with different masks")
+    short_seq_prob: float = flag(0.1, help="probability of a shorter target length")
+    random_seed: int = flag(12345, help="seed; the output depends only on it and the input")
+    do_whole_word_mask: bool = flag(False, help="mask whole words, not single pieces")
+    do_lower_case: bool = flag(True, name="--no-lower-case", help="keep case (for cased vocabs)")
+    workers: int = flag(0, help="worker processes (0: one per available core; the output is the same)")
     force: bool = False
 
     def validate(self) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertdistill.errors import StepError, TransientError
+from bertdistill.flags import flag
 from bertdistill.manifest import FOLDER_MANIFEST, Manifest, OutputWriter, read_manifest, run_step
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
@@ -41,9 +42,9 @@ LOCK_STALE_S = 900.0
 
 @dataclass
 class PublishParams:
-    student: str
-    report: str
-    model_name: str = "bertdistill-student"
+    student: str = flag(help="student folder URI (distill's output); writes savedmodel/ there")
+    report: str = flag(help="evaluate's output folder URI for this student")
+    model_name: str = flag("bertdistill-student", help="registered model name in MLflow")
     force: bool = False
 
     @property
