@@ -148,6 +148,19 @@ def test_a_partial_file_from_a_killed_run_is_resumed(server, mirror, tmp_path):
     assert _sha1(out / "enwiki" / SAMPLE_DATE / FILE) == _sha1(mirror / "enwiki" / SAMPLE_DATE / FILE)
 
 
+def test_attempts_bounds_the_tries_per_file(server, mirror, tmp_path):
+    """Two cuts: --attempts 2 gives up with 200,000 bytes kept (transient, exit 1); --attempts 3 resumes twice."""
+    out, fetch = tmp_path / "dumps", ("fetch-dump", "--wiki", "enwiki", "--date", SAMPLE_DATE, "--mirror", server.url)
+    server.cut_after, server.cuts_left = 100_000, 2
+    proc = run_cli(*fetch, "--output", str(out), "--attempts", "2", env=_scratch(tmp_path / "a"))
+    assert proc.returncode == 1 and "failed 2 times" in error_lines(proc)[0] and "200,000 bytes are kept" in proc.stderr
+    server.cut_after, server.cuts_left = 100_000, 2
+    server.ranges.clear()
+    run_cli(*fetch, "--output", str(out), "--attempts", "3", env=_scratch(tmp_path / "b"), check=True)
+    assert server.ranges == ["bytes=100000-", "bytes=200000-"]
+    assert _sha1(out / "enwiki" / SAMPLE_DATE / FILE) == _sha1(mirror / "enwiki" / SAMPLE_DATE / FILE)
+
+
 def test_sha1_mismatch_is_refused_and_leaves_nothing(server, mirror, tmp_path):
     sums = mirror / "enwiki" / SAMPLE_DATE / f"enwiki-{SAMPLE_DATE}-sha1sums.txt"
     sums.write_text(f"{'0' * 40}  {FILE}\n")

@@ -37,7 +37,6 @@ DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 USER_AGENT = "bertdistill-fetch-dump/0.1 (+https://github.com/bertdistill)"
 WIKI_NAME = re.compile(r"^[a-z][a-z0-9_]*wiki[a-z]*$")
 DATE = re.compile(r"^\d{8}$")
-ATTEMPTS = 4
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +48,8 @@ class FetchDumpParams:
     mirror: str = flag(DEFAULT_MIRROR, help="dump server base URL, local folder or file:// URL laid out like "
                        "dumps.wikimedia.org")
     max_files: int | None = flag(None, minimum=1, help="fetch only the first N pages-articles files (default: all)")
+    attempts: int = flag(4, minimum=1, help="tries per file, each resuming where the last broke off, before the "
+                         "step fails (transient: the task's retry resumes it again)")
     force: bool = False
 
 
@@ -209,7 +210,7 @@ def run(params: FetchDumpParams) -> Manifest:
                     writer.adopt(name)
                 else:
                     _download_verified(mirror, params.wiki, date, name, sums[name], output.child_uri(name), writer,
-                                       size)
+                                       size, params.attempts)
                 writer.note(name, sha1=sums[name])
                 total += writer.files[name]["bytes"]
         except BaseException:
@@ -241,11 +242,11 @@ def _already_verified(output, name: str, sha1: str, size: int | None) -> bool:
 
 
 def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: str, dest_uri: str,
-                       writer: OutputWriter, expected_size: int | None) -> None:
+                       writer: OutputWriter, expected_size: int | None, attempts: int) -> None:
     """Download to a resumable .part file, check its sha1, then commit it into the store."""
     part = scratch_dir() / "partial" / (hashlib.sha1(dest_uri.encode()).hexdigest()[:16] + "-" + name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, ATTEMPTS + 1):
+    for attempt in range(1, attempts + 1):
         have = part.stat().st_size if part.exists() else 0
         try:
             _append_from(mirror, (wiki, date, name), part, have, expected_size)
@@ -253,12 +254,12 @@ def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: st
         except FileNotFoundError:
             raise StepError(f"{mirror.url(wiki, date, name)} not found on the mirror") from None
         except (OSError, urllib.error.URLError, _Interrupted) as exc:
-            if attempt == ATTEMPTS:
-                raise TransientError(f"downloading {mirror.url(wiki, date, name)} failed {ATTEMPTS} times ({exc}); "
+            if attempt == attempts:
+                raise TransientError(f"downloading {mirror.url(wiki, date, name)} failed {attempts} times ({exc}); "
                                 f"{part.stat().st_size if part.exists() else 0:,} bytes are kept in {part}, "
                                 "rerun to resume") from None
             log.warning("download of %s interrupted (%s); resuming (attempt %d/%d)", name, exc,
-                        attempt + 1, ATTEMPTS)
+                        attempt + 1, attempts)
             time.sleep(min(2 ** attempt, 30) * 0.25)
     got_sha1 = _sha1(part)
     if got_sha1 != sha1:
