@@ -19,6 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 S3_KEY, S3_SECRET = "bertdistill-test", "bertdistill-test-secret"
 
+# Session fixtures that run pipeline steps on the sample or start a server: a test that needs one
+# is an end-to-end test and is marked slow, so `pytest -m "not slow"` is the fast unit layer
+# (steps called in-process on handwritten inputs, plan and tasks, the DAG's shape, the MPIJob
+# operator against a mocked API).
+PIPELINE_FIXTURES = {"corpus", "all_text", "small_examples", "tiny_teacher", "labelled", "labels_dir", "tiny_student",
+                     "hf_teacher", "two_label_shards", "seaweed"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def sample() -> Path:

@@ -26,6 +26,7 @@ print(json.dumps({
     "monthly_paused": monthly.is_paused_upon_creation if monthly else None,
     "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
     "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
+    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
     "kinds": {t.task_id: getattr(t, "operator_class", type(t)).__name__ for t in dag.tasks} if dag else {},
     "setup": sorted(t.task_id for t in dag.tasks if t.is_setup) if dag else [],
     "teardown": {t.task_id: sorted(s.task_id for s in t.upstream_list if s.is_setup)
@@ -76,6 +77,9 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
     steps = ["fetch_dump", "extract", "build_corpus", "make_examples", "fetch_teacher", "adapt_teacher",
              "label_teacher", "distill", "evaluate", "publish"]
     assert all(out["retries"][s] >= 2 for s in steps)
+    # every step waits for prepare's MLflow parent run, passed as a task output (no task id in a template)
+    assert all("prepare" in out["upstream"][s] for s in steps)
+    assert out["upstream"]["extract"] == ["dump_files", "prepare"]
     if mode == "local":
         assert {out["kinds"][s] for s in steps} == {"LocalStepOperator"}
     else:
