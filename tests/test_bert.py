@@ -80,6 +80,7 @@ def write_google_zip(path, sample, config: dict, shapes_from: dict | None = None
     return values
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 @pytest.mark.parametrize("source_act, meaning, hf_name", [("gelu", "gelu", "gelu"),
                                                            ("gelu_new", "gelu_tanh", "gelu_new")])
 def test_the_activation_survives_a_saved_teacher_folder(tmp_path, sample, source_act, meaning, hf_name):
@@ -100,6 +101,7 @@ def test_the_activation_survives_a_saved_teacher_folder(tmp_path, sample, source
     assert config.hidden_act == meaning
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 def test_google_checkpoint_round_trip_is_exact(tmp_path, sample):
     slots = {"bert/embeddings/word_embeddings/adam_m": np.zeros((30522, 32), np.float32),
              "global_step": np.array(7, np.int64)}
@@ -117,6 +119,7 @@ def test_google_checkpoint_round_trip_is_exact(tmp_path, sample):
     assert model.parameter_count() == sum(v.size for v in weights.values())
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 @pytest.mark.parametrize("case, message", [
     ("no checkpoint", "no checkpoint found"),
     ("shapes", "has shape (30522, 32) but the config implies (30522, 48)"),
@@ -149,6 +152,7 @@ def test_bad_teacher_sources_are_refused_and_leave_nothing(tmp_path, sample, cas
     assert not (tmp_path.parent / "escape.txt").exists()
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 def test_a_link_in_the_archive_is_refused(tmp_path):
     zpath = tmp_path / "link.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
@@ -159,6 +163,7 @@ def test_a_link_in_the_archive_is_refused(tmp_path):
     assert proc.returncode == 2 and "is a link" in error_lines(proc)[0]
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 def test_missing_source_is_named(tmp_path):
     proc = run_cli("fetch-teacher", "--source", str(tmp_path / "nope.zip"), "--output", str(tmp_path / "t"))
     assert proc.returncode == 2 and "nope.zip does not exist" in error_lines(proc)[0]
@@ -189,6 +194,7 @@ def test_bfloat16_compute_trains_float32_variables_with_close_gradients():
     assert cosine > 0.99
 
 
+@pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each
 def test_a_vocab_over_15_bit_ids_is_refused_when_the_teacher_is_fetched(tmp_path):
     """The label cache stores ids in 15 bits: say so at fetch-teacher, not as a traceback mid-labelling."""
     transformers = pytest.importorskip("transformers")

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # steps killed and rerun as processes
+
 DELAYS = (0.3, 0.6, 0.9, 1.4)
 
 
