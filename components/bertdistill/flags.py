@@ -51,7 +51,8 @@ def add_flags(parser: argparse.ArgumentParser, params_cls: type, skip: tuple[str
                 kwargs["required"] = True
             else:
                 kwargs["default"] = f.default
-                kwargs["help"] += " (default: %(default)s)"
+                if f.default is not None:  # None's meaning is in the help text ("default: the teacher's")
+                    kwargs["help"] += " (default: %(default)s)"
             if kind is list:
                 kwargs["nargs"] = "+"
             else:
