@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,3 +144,53 @@ def test_check_dump_plans_the_newest_dump_and_stops_when_it_was_published(sample
         tasks.check_dump(params | {"ranks": 3}, settings)
     with pytest.raises(StepError, match=r"no dump dates listed .* on or before 2015-06-01"):
         tasks.check_dump(params, settings, as_of=datetime(2015, 6, 1, tzinfo=UTC))
+
+
+def _commit(folder: str, **manifest) -> None:
+    """A manifest as a step commits it: what the DAG's tasks read, and all they read."""
+    from bertdistill.manifest import FOLDER_MANIFEST, Manifest
+
+    path = Path(folder) / FOLDER_MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(Manifest(step="test", params={}, inputs={}, **manifest).to_bytes())
+
+
+def test_the_plan_travels_as_json_and_comes_back_equal():
+    plan = planning.make_plan(TRIAL | {"teacher": "gs://b/bert.zip"}, SETTINGS, "20261101")
+    value = json.loads(json.dumps(plan.to_xcom()))
+    assert planning.Plan.from_xcom(value) == plan
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.student = "elsewhere"
+
+
+def test_extract_and_build_corpus_take_the_files_fetch_dump_committed(tmp_path):
+    from bertdistill.orchestration import tasks
+
+    plan = planning.make_plan(TRIAL, Settings(store=str(tmp_path)), "20261101")
+    with pytest.raises(RuntimeError, match="has no manifest: fetch_dump did not finish"):
+        tasks.dump_files(plan.to_xcom())
+    names = ["enwiki-20261101-pages-articles2.xml-p2p3.bz2", "enwiki-20261101-pages-articles1.xml-p1p1.bz2"]
+    _commit(plan.dump_folder, outputs={n: {} for n in [*names, "enwiki-20261101-sha1sums.txt"]})
+    extracts = tasks.dump_files(plan.to_xcom())
+    assert [a[a.index("--input") + 1].rsplit("/", 1)[1] for a in extracts] == sorted(names)
+    corpus = tasks.corpus(plan)
+    assert corpus[corpus.index("--input") + 1: corpus.index("--output")] == [
+        a[a.index("--output") + 1] for a in extracts]
+
+
+def test_the_teacher_is_adapted_only_without_a_head_and_used_once_adapted(tmp_path):
+    from bertdistill.orchestration import tasks
+
+    plan = planning.make_plan(TRIAL, Settings(store=str(tmp_path), teacher="/src/minilm"), "20261101")
+    with pytest.raises(RuntimeError, match="fetch_teacher did not finish"):
+        tasks.teacher_needs_head(plan)
+    _commit(plan.teacher, summary={"heads": ["pooler"]})
+    assert tasks.teacher_needs_head(plan) is True
+    assert tasks.teacher_ready(plan)["teacher"] == plan.teacher
+    _commit(plan.adapted_teacher, summary={"heads": ["mlm", "nsp", "pooler"]})
+    ready = tasks.teacher_ready(plan.to_xcom())
+    assert ready["teacher"] == plan.adapted_teacher
+    assert ready["evaluate"][ready["evaluate"].index("--teacher") + 1] == plan.adapted_teacher
+    assert all(a[a.index("--teacher") + 1] == plan.adapted_teacher for a in tasks.trainings(plan, ready["teacher"]))
+    _commit(plan.teacher, summary={"heads": ["mlm", "nsp"]})
+    assert tasks.teacher_needs_head(plan) is False
