@@ -203,7 +203,7 @@ def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publis
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         try:
-            wait_healthy(f"http://127.0.0.1:{port}", server, timeout_s=180, path="/ping")
+            wait_healthy(f"http://127.0.0.1:{port}/ping", timeout_s=180, server=server)
         except RuntimeError as exc:
             raise AssertionError(f"{exc}: {server.stdout.read()[-3000:] if server.poll() is not None else ''}"
                                  ) from None

@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from bertdistill.orchestration.mlflow_server import wait_healthy
 
 HOST = "127.0.0.1"
 USER = "admin"
@@ -126,17 +127,10 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_http(url: str, timeout: float, home: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see the logs in {home / 'logs'}")
-        time.sleep(1)
+    try:
+        wait_healthy(url, timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; see the logs in {home / 'logs'}") from None
 
 
 def main(argv: list[str]) -> int:

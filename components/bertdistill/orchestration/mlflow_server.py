@@ -59,20 +59,20 @@ def ensure_user(base: str, admin: tuple[str, str], user: str, password: str) -> 
     return "updated"
 
 
-def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 300, path: str = "/health") -> None:
-    """Until `server` answers 200 on `path`; RuntimeError if it exits first or takes longer."""
+def wait_healthy(url: str, timeout_s: float = 300, server: subprocess.Popen | None = None) -> None:
+    """Until `url` answers 200; RuntimeError if `server` (when given) exits first, or after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{base}{path}", timeout=5) as answer:
+            with urllib.request.urlopen(url, timeout=5) as answer:
                 if answer.status == 200:
                     return
         except OSError:
             pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} before it answered {path}")
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before {url} answered")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not answer {base}{path} in {timeout_s:.0f} s")
+            raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
         time.sleep(1)
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     base = _local_base(args)
     try:
-        wait_healthy(base, server)
+        wait_healthy(f"{base}/health", server=server)
         admin = (os.environ["MLFLOW_AUTH_ADMIN_USERNAME"], os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"])
         user = os.environ["BERTDISTILL_PIPELINE_USERNAME"]
         done = ensure_user(base, admin, user, os.environ["BERTDISTILL_PIPELINE_PASSWORD"])

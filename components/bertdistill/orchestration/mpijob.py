@@ -29,7 +29,13 @@ from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import generi
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from bertdistill.orchestration.runners import SCRATCH, container_resources, scratch_volume, security_context
+from bertdistill.orchestration.runners import (
+    SCRATCH,
+    container_resources,
+    scratch_volume,
+    secret_env,
+    security_context,
+)
 from bertdistill.orchestration.settings import Settings
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v2beta1", "mpijobs", "MPIJob"
@@ -83,7 +89,7 @@ def mpijob_body(name: str, settings: Settings, workers: int, arguments: Sequence
         container = k8s.V1Container(
             name=role, image=image, command=command,
             env=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items())],
-            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in settings.secrets()],
+            env_from=secret_env(settings),
             resources=container_resources(wanted, settings.gpu_resource),
             # workers' sshd and OpenMPI's daemons write the home folder and /tmp
             security_context=security_context(read_only_root=role == "launcher"),

@@ -146,6 +146,11 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def _last(uri: str) -> str:
+    """A URI's last part: the name of the folder (or zip) it points at."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _key(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -168,7 +173,7 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
     root = settings.store_root()
     run = _join(root, "runs", f"{p.wiki}-{date}")
     teacher_source = p.teacher or settings.teacher
-    teacher_name = teacher_source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip")
+    teacher_name = _last(teacher_source).removesuffix(".zip")
     examples = _join(run, "examples", examples_key(p))
     teacher = _join(root, "teachers", teacher_name)
     adapted = _join(run, "teachers", examples_key(p),
@@ -197,7 +202,7 @@ def train_labels_per_shard(p: RunParams) -> int:
 def labels_folder(plan: Plan, teacher: str) -> str:
     p = plan.params
     return _join(plan.run, "labels", examples_key(p),
-                 f"{teacher.rstrip('/').rsplit('/', 1)[-1]}-k{p.top_k}-n{train_labels_per_shard(p)}")
+                 f"{_last(teacher)}-k{p.top_k}-n{train_labels_per_shard(p)}")
 
 
 # -- arguments of each step (after `bertdistill`) ---------------------------------------------

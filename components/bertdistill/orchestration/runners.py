@@ -114,6 +114,13 @@ def container_resources(wanted: dict[str, str], gpu_resource: str):
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
+def secret_env(settings: Settings) -> list:
+    """envFrom for every step container: the Secrets it loads whole (S3 keys; the MLflow user)."""
+    from kubernetes.client import models as k8s
+
+    return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in settings.secrets()]
+
+
 def security_context(read_only_root: bool = True):
     """Steps run as an unprivileged user with nothing to escalate to (MPI workers' sshd writes its home)."""
     from kubernetes.client import models as k8s
@@ -139,7 +146,7 @@ def pod_kwargs(settings: Settings, task_id: str, env: dict[str, str]) -> dict[st
         "image": settings.pipeline_gpu_image if "gpu" in wanted else settings.pipeline_image,
         "cmds": ["bertdistill"],
         "env_vars": {**env, "BERTDISTILL_SCRATCH": SCRATCH, "HOME": SCRATCH, "TMPDIR": SCRATCH},
-        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in settings.secrets()],
+        "env_from": secret_env(settings),
         "container_resources": container_resources(wanted, settings.gpu_resource),
         "container_security_context": security_context(),
         "volumes": [scratch_volume(wanted["scratch"])],
