@@ -123,7 +123,7 @@ def encode_labels(n_real: np.ndarray, topk_ids: np.ndarray, topk_probs: np.ndarr
     top = (1 << LOGPROB_BITS) - 1
     q = np.clip(np.rint(-np.log(np.maximum(topk_probs, 1e-30)) * LOGPROB_STEPS), 0, top).astype(np.int64)
     entries = (topk_ids.astype(np.int64) << LOGPROB_BITS) | q  # [N, P, k]
-    bits = ((entries[..., None] >> np.arange(ENTRY_BITS - 1, -1, -1)) & 1).astype(np.uint8)  # [N, P, k, 22]
+    bits = ((entries[..., None] >> np.arange(ENTRY_BITS - 1, -1, -1)) & 1).astype(np.uint8)  # [N, P, k, ENTRY_BITS]
     mass16 = np.rint(np.clip(1.0 - rest, 0.0, 1.0) * 65535).astype("<u2")
     nsp16 = nsp_logits.astype("<f2")
     return [b"".join((bytes((LABEL_VERSION,)), nsp16[r].tobytes(), mass16[r, :n].tobytes(),
