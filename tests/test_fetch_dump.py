@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import shutil
+import socket
 import threading
 from pathlib import Path
 
 import pytest
 
+from bertdistill.errors import StepError, TransientError
 from bertdistill.sample import SAMPLE_DATE
-from tests.conftest import error_lines, run_cli
+from bertdistill.steps import fetch_dump
+from bertdistill.steps.fetch_dump import Mirror, resolve_date
+from tests.conftest import error_lines, free_port, run_cli
 
 FILE = f"enwiki-{SAMPLE_DATE}-pages-articles1.xml-p10p30302.bz2"
 
@@ -31,6 +36,7 @@ class DumpServer(http.server.ThreadingHTTPServer):
         self.ranges: list[str] = []
         self.cut_only = ""  # cut only files whose name contains this
         self.served: list[str] = []  # paths of dump files sent
+        self.fail_with: int | None = None  # answer every request with this HTTP status
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
@@ -44,6 +50,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         server: DumpServer = self.server
+        if server.fail_with is not None:
+            return self._send(server.fail_with, b"failing on purpose", "text/plain")
         path = server.root / self.path.lstrip("/")
         if path.is_dir():
             links = "".join(f'<a href="{p.name}/">{p.name}/</a>\n' for p in sorted(path.iterdir()))
@@ -221,3 +229,61 @@ def test_a_run_that_fails_on_a_later_file_keeps_the_verified_ones_for_a_new_pod(
     manifest = json.loads((kept / "_MANIFEST.json").read_text())
     assert sorted(manifest["outputs"]) == sorted([FILE, second])
     assert _sha1(kept / second) == _sha1(folder / second)
+
+
+@pytest.mark.parametrize("date", ["latest", SAMPLE_DATE])
+def test_an_unreachable_mirror_is_one_transient_error_line(tmp_path, date):
+    """Connection refused: exit 1 (a retry may help), one `error:` line naming the mirror and where it is
+    set, no traceback, nothing written."""
+    mirror = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    out = tmp_path / "dumps"
+    proc = run_cli("fetch-dump", "--wiki", "enwiki", "--date", date, "--mirror", mirror, "--output", str(out),
+                   env=_scratch(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: fetch-dump: cannot reach the dump mirror {mirror} (connection refused)")
+    assert "--mirror" in line and "BERTDISTILL_MIRROR" in line
+    assert not out.exists()
+
+
+def test_resolve_date_says_which_mirror_it_cannot_reach():
+    """check_dump (the DAG's first task) calls resolve_date directly: the same one-line cause, no urllib chain."""
+    mirror = f"http://127.0.0.1:{free_port()}"
+    for date in ("latest", SAMPLE_DATE):
+        with pytest.raises(TransientError, match=re.escape(f"cannot reach the dump mirror {mirror} ")) as caught:
+            resolve_date(Mirror(mirror), "enwiki", date)
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize("code, error", [(503, TransientError), (403, StepError)])
+def test_a_mirror_that_answers_with_an_error_status(server, code, error):
+    """A 5xx may pass (transient); another refusal will not. Both name the mirror and the status."""
+    server.fail_with = code
+    with pytest.raises(error, match=f"the dump mirror {re.escape(server.url)} answered HTTP {code}") as caught:
+        resolve_date(Mirror(server.url), "enwiki", "latest")
+    assert (type(caught.value) is TransientError) == (code == 503)
+
+
+def test_a_date_the_mirror_does_not_have_is_bad_input(server):
+    """A 404 for a named date: exit 2, naming the date and where the dates are listed."""
+    with pytest.raises(StepError) as caught:
+        resolve_date(Mirror(server.url), "enwiki", "20150101")
+    assert type(caught.value) is StepError
+    assert "no dump enwiki/20150101" in str(caught.value) and f"listed at {server.url}/enwiki/" in str(caught.value)
+
+
+def test_a_mirror_that_never_answers_times_out_as_transient(monkeypatch):
+    """A server that takes the connection and says nothing: after the timeout, the same one-line cause."""
+    monkeypatch.setattr(fetch_dump, "TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        mirror = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TransientError, match=re.escape(f"{mirror} (no answer within 0.5 s)")):
+            resolve_date(Mirror(mirror), "enwiki", "latest")
+
+
+def test_a_host_name_that_does_not_resolve_is_said_in_words():
+    assert fetch_dump._why(socket.gaierror(-2, "Name or service not known")) == (
+        "host name not found: Name or service not known")

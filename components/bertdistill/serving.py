@@ -12,12 +12,34 @@ SavedModel alone takes token ids, which a caller cannot make without this tokeni
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MASK = "[MASK]"
 TOP_K = 5
+REQUEST = '{"inputs": {"text": ["paris is the capital of [MASK]."]}, "params": {"top_k": 5}}'
+
+
+class BadRequest(MlflowException):
+    """A request the model cannot answer, said so that its sender can fix it: HTTP 400, no stack trace.
+
+    Why an MlflowException: MLflow's scoring server answers one with its error code's HTTP status
+    (INVALID_PARAMETER_VALUE: 400) and `serialize_as_json()` as the body, which holds no stack
+    trace unless one was passed in. Any other exception from predict becomes a generic "unexpected
+    error" 400 whose body carries the server's whole traceback. The server also rewrites the
+    message to "Failed to predict data '<the whole input>'. Error: ..."; the body keeps only ours.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.reason = message
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({**json.loads(super().serialize_as_json()), "message": self.reason})
 
 
 def is_uncased(tokens: list[str]) -> bool:
@@ -38,10 +60,15 @@ class FillMask(mlflow.pyfunc.PythonModel):
         self.model = tf.saved_model.load(context.artifacts["savedmodel"]).signatures["serving_default"]
         self.max_length = int((context.model_config or {}).get("max_length", 512))
 
-    def encode(self, text: str) -> list[int]:
-        """[CLS] pieces [SEP], with the mask id wherever the text says [MASK]."""
+    def encode(self, text: str | None, number: int = 1) -> list[int]:
+        """[CLS] pieces [SEP], with the mask id wherever the text says [MASK]; `number` (from 1) names
+        the text in a refusal."""
+        if text is None or not text.strip():
+            raise BadRequest(f"text {number} is empty: send a sentence with {MASK} where the model should fill in "
+                             f"a word, e.g. {REQUEST}")
         if MASK not in text:
-            raise ValueError(f"no {MASK} in {text[:80]!r}: put [MASK] where the model should fill in a word")
+            raise BadRequest(f"text {number} has no {MASK} ({_excerpt(text)}): put {MASK} where the model should "
+                             "fill in a word")
         ids = [self.vocab.cls_id]
         for i, part in enumerate(text.split(MASK)):
             if i:
@@ -49,14 +76,15 @@ class FillMask(mlflow.pyfunc.PythonModel):
             ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
         ids.append(self.vocab.sep_id)
         if len(ids) > self.max_length:
-            raise ValueError(f"{text[:80]!r}... is {len(ids)} pieces; the model takes at most {self.max_length}")
+            raise BadRequest(f"text {number} ({_excerpt(text)}) is {len(ids)} word pieces with [CLS] and [SEP]; the "
+                             f"model takes at most {self.max_length}: shorten it around its {MASK}")
         return ids
 
-    def fill(self, text: str, top_k: int) -> dict[str, Any]:
+    def fill(self, text: str, top_k: int, ids: list[int] | None = None) -> dict[str, Any]:
         import numpy as np
         import tensorflow as tf
 
-        ids = self.encode(text)
+        ids = ids if ids is not None else self.encode(text)
         batch = tf.constant([ids], tf.int32)
         logits = self.model(input_ids=batch, input_mask=tf.ones_like(batch),
                             segment_ids=tf.zeros_like(batch))["mlm_logits"].numpy()[0]
@@ -69,19 +97,45 @@ class FillMask(mlflow.pyfunc.PythonModel):
         return {"text": text, "masks": masks}
 
     def predict(self, context, model_input, params: dict | None = None) -> list[dict[str, Any]]:
-        top_k = int((params or {}).get("top_k", TOP_K))
-        return [self.fill(str(text), top_k) for text in _texts(model_input)]
+        top_k = _top_k((params or {}).get("top_k", TOP_K), len(self.vocab.tokens))
+        texts = _texts(model_input)
+        ids = [self.encode(text, number) for number, text in enumerate(texts, 1)]  # refuse before any work
+        return [self.fill(text, top_k, text_ids) for text, text_ids in zip(texts, ids, strict=True)]
 
 
-def _texts(model_input) -> list[str]:
+def _excerpt(text: str) -> str:
+    """The start of a text, quoted, short enough for a one-line refusal."""
+    return repr(text[:60] + "...") if len(text) > 60 else repr(text)
+
+
+def _top_k(value: object, vocab_size: int) -> int:
+    """The params' top_k as a count of words per mask, from 1 to the vocab's size."""
+    try:
+        top_k = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        top_k = 0
+    if top_k < 1 or top_k > vocab_size or top_k != value:
+        raise BadRequest(f"top_k {value!r} is not a whole number from 1 to {vocab_size}: send how many words to "
+                         'list per [MASK], e.g. "params": {"top_k": 5}')
+    return top_k
+
+
+def _texts(model_input) -> list[str | None]:
     """The texts of a request: a DataFrame's `text` column, a list of strings, or one string."""
     if hasattr(model_input, "columns"):
-        if "text" not in model_input.columns:
-            raise ValueError(f"the input has columns {list(model_input.columns)}; send a column named 'text'")
-        return list(model_input["text"])
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(t) for t in model_input]
+        if "text" not in model_input.columns:  # MLflow dropped any other columns: the signature has none
+            raise BadRequest(f"the request has no texts: send them as a column named text, e.g. {REQUEST}")
+        model_input = model_input["text"]
+    elif isinstance(model_input, str):
+        model_input = [model_input]
+    return [_text(value) for value in model_input]
+
+
+def _text(value: object) -> str | None:
+    """A text as a string; None for a missing one (JSON null, a DataFrame's NaN), which encode refuses."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def log_fill_mask(savedmodel: str, vocab: str, registered_model_name: str, tf_version: str):
@@ -94,7 +148,9 @@ def log_fill_mask(savedmodel: str, vocab: str, registered_model_name: str, tf_ve
 
     import bertdistill
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+    # `text` is optional to MLflow only so that a request without it reaches predict, which refuses it
+    # in words (a required column is refused by MLflow first, echoing the input over several lines).
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text", required=False)]),
                                params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]))
     return mlflow.pyfunc.log_model(
         name="fill_mask", python_model=FillMask(), artifacts={"savedmodel": savedmodel, "vocab": vocab},

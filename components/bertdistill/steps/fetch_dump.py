@@ -13,11 +13,13 @@ file:// URL.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
 import re
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +39,9 @@ DEFAULT_MIRROR = "https://dumps.wikimedia.org"
 USER_AGENT = "bertdistill-fetch-dump/0.1 (+https://github.com/bertdistill)"
 WIKI_NAME = re.compile(r"^[a-z][a-z0-9_]*wiki[a-z]*$")
 DATE = re.compile(r"^\d{8}$")
+TIMEOUT_S = 60
+# Where the mirror is set: the step's flag, or the pipeline's setting its tasks pass on.
+MIRROR_SETTING = "--mirror (BERTDISTILL_MIRROR for the pipeline)"
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +73,8 @@ class Mirror:
         stream, _ = self.open(*parts)
         try:
             return stream.read()
+        except (OSError, http.client.HTTPException) as exc:  # the connection broke off mid-answer
+            raise self._unreachable(exc) from None
         finally:
             stream.close()
 
@@ -84,25 +91,61 @@ class Mirror:
         headers = {"User-Agent": USER_AGENT}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = urllib.request.Request(self.url(*parts), headers=headers)
+        url = self.url(*parts)
+        request = urllib.request.Request(url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=60)
+            response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
-                raise FileNotFoundError(self.url(*parts)) from None
+                raise FileNotFoundError(url) from None
             if exc.code == 416:  # nothing past `offset`: the partial file is already whole
                 return io.BytesIO(b""), offset
-            raise
+            raise self._http_error(url, exc.code, exc.reason) from None
+        except http.client.InvalidURL as exc:
+            raise StepError(f"{url} is not a valid URL ({exc}): check {MIRROR_SETTING}") from None
+        except urllib.error.URLError as exc:
+            raise self._unreachable(exc.reason) from None
+        except (OSError, http.client.HTTPException) as exc:  # a timeout or dropped connection before the headers
+            raise self._unreachable(exc) from None
         return response, (offset if response.status == 206 else 0)
+
+    def _http_error(self, url: str, code: int, reason: object) -> StepError:
+        """A refusal other than 404: 5xx and throttling pass (transient), any other 4xx will not."""
+        answer = f"the dump mirror {self.base} answered HTTP {code} {reason} for {url}"
+        if code >= 500 or code in (408, 429):
+            return TransientError(f"{answer}: it is down or overloaded, a retry may help; if it persists, point "
+                                  f"{MIRROR_SETTING} at another mirror")
+        return StepError(f"{answer}: check {MIRROR_SETTING}")
+
+    def _unreachable(self, reason: object) -> TransientError:
+        """Connection refused, DNS failure, timeout: the one-line cause, where to look, and that a retry may help."""
+        return TransientError(f"cannot reach the dump mirror {self.base} ({_why(reason)}): check "
+                              f"{MIRROR_SETTING} and the network; a retry may help")
 
     def list_dates(self, wiki: str) -> list[str]:
         if self.local is not None:
             folder = self.local / wiki
             names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
         else:
-            page = self.read(wiki + "/").decode("utf-8", "replace")
+            try:
+                page = self.read(wiki + "/").decode("utf-8", "replace")
+            except FileNotFoundError:  # no such wiki on this mirror: no dates, said by resolve_date
+                return []
             names = re.findall(r'href="(\d{8})/?"', page)
         return sorted({n for n in names if DATE.match(n)}, reverse=True)
+
+
+def _why(reason: object) -> str:
+    """urllib's cause in a few words: its own text is often an errno tuple or a nested repr."""
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"host name not found: {reason.strerror or reason}"
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {TIMEOUT_S} s"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
 
 
 def resolve_date(mirror: Mirror, wiki: str, date: str, as_of: datetime | None = None) -> tuple[str, dict]:
@@ -127,11 +170,12 @@ def resolve_date(mirror: Mirror, wiki: str, date: str, as_of: datetime | None = 
         except FileNotFoundError:
             if date != "latest":
                 raise StepError(f"no dump {wiki}/{candidate} at {mirror.base} (dumpstatus.json not found): "
-                                "check --wiki, --date and --mirror") from None
+                                f"check --wiki and --date (the dates it has are listed at {mirror.url(wiki)}/, "
+                                "or use --date latest) and --mirror") from None
             continue
         except ValueError as exc:
             raise StepError(f"{mirror.url(wiki, candidate, 'dumpstatus.json')} is not valid JSON: {exc}") from None
-        job = status.get("jobs", {}).get("articlesdump", {})
+        job = status.get("jobs", {}).get("articlesdump", {}) if isinstance(status, dict) else {}
         if job.get("status") == "done" and job.get("files") and _finished_by(job, as_of if date == "latest" else None):
             return candidate, status
         if date != "latest":
@@ -253,7 +297,7 @@ def _download_verified(mirror: Mirror, wiki: str, date: str, name: str, sha1: st
             break
         except FileNotFoundError:
             raise StepError(f"{mirror.url(wiki, date, name)} not found on the mirror") from None
-        except (OSError, urllib.error.URLError, _Interrupted) as exc:
+        except (OSError, urllib.error.URLError, TransientError, _Interrupted) as exc:  # all may pass: resume
             if attempt == attempts:
                 raise TransientError(f"downloading {mirror.url(wiki, date, name)} failed {attempts} times ({exc}); "
                                 f"{part.stat().st_size if part.exists() else 0:,} bytes are kept in {part}, "
