@@ -26,6 +26,8 @@ def test_trains_and_exports_the_student(tiny_student):
     assert (tiny_student / "export" / "model.safetensors").stat().st_size > 1_000_000
     assert sorted(p.name for p in (tiny_student / "checkpoints").iterdir()) == [
         "ckpt-0000003.safetensors", "ckpt-0000006.safetensors", "latest.json"]
+    params = json.loads((tiny_student / "_MANIFEST.json").read_text())["params"]
+    assert params["warmup_steps"] == 2 and "warmup_fraction" not in params  # the warm-up as it ran, in steps
 
 
 def test_a_resumed_run_continues_the_same_loss_curve(tmp_path, tiny_teacher, labels_dir, tiny_student):

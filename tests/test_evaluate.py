@@ -1,10 +1,11 @@
-"""evaluate's statistics: the distillation gain's interval, calibration and the verdict in words."""
+"""evaluate's statistics: the distillation gain's interval, calibration, the verdict in words, the figure."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from bertdistill.steps.evaluate import calibration_error, paired_gain, verdict
+from bertdistill.steps.evaluate import calibration_error, chart, figure, paired_gain, verdict
 
 
 def test_the_gain_interval_covers_the_true_gain_and_excludes_zero_only_when_it_should():
@@ -46,3 +47,43 @@ def test_the_verdict_names_a_teacher_weaker_than_the_control():
     assert verdict(report).startswith("Distillation hurt") and "no-teacher control" in verdict(report)
     del report["distillation_gain"]
     assert "no no-teacher control was trained" in verdict(report)
+
+
+def _scores(accuracy: float, layers: int = 3, parameters: float = 20e6) -> dict:
+    return {"mlm_accuracy": accuracy, "mlm_accuracy_outside_top10": accuracy / 2, "agreement_with_teacher": 0.5,
+            "layers": layers, "parameters": parameters, "latency_encoder_s": 0.1, "latency_mlm_s": 0.15}
+
+
+def _report() -> dict:
+    """A report as evaluate writes it, with a control, and the champion it scored (version 4)."""
+    return {"positions": 12_345, "student": _scores(0.253), "teacher": _scores(0.30, 6, 40e6),
+            "control": _scores(0.24), "baseline": {"mlm_accuracy": 0.05, "mlm_accuracy_outside_top10": 0.0,
+                                                   "agreement_with_teacher": 0.1},
+            "champion": {**_scores(0.243), "version": 4}, "speedup_encoder": 2.0,
+            "distillation_gain": {"mlm_accuracy": 0.013, "ci95_low": 0.004, "ci95_high": 0.021},
+            "gain_over_champion": {"mlm_accuracy": 0.010, "ci95_low": -0.002, "ci95_high": 0.019}}
+
+
+def _bars(fig) -> dict[str, list[float]]:
+    return {bars.get_label(): [bar.get_height() for bar in bars] for bars in fig.axes[0].containers}
+
+
+def test_the_report_figure_shows_the_champion_beside_student_control_and_teacher(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig = figure(_report())
+    bars = _bars(fig)
+    assert set(bars) == {"baseline", "control (no teacher)", "champion (version 4)", "student", "teacher"}
+    assert bars["champion (version 4)"] == pytest.approx([0.243, 0.1215, 0.5])
+    assert bars["student"] == pytest.approx([0.253, 0.1265, 0.5])
+    assert "champion (version 4)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    title = fig.axes[0].get_title()
+    assert "gain over control +1.3 points" in title and "gain over champion +1.0 points (95% CI -0.2 to +1.9)" in title
+    plt.close(fig)
+    without = _report()
+    del without["champion"], without["gain_over_champion"]  # no champion yet, or one on another vocab
+    fig = figure(without)
+    assert not [label for label in _bars(fig) if "champion" in label] and "champion" not in fig.axes[0].get_title()
+    plt.close(fig)
+    chart(_report(), tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

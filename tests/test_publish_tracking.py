@@ -359,3 +359,61 @@ def test_a_lock_left_by_a_publisher_that_died_is_removed_by_the_next(tmp_path):
         assert client.get_registered_model(f"m{publish.LOCK_SUFFIX}").creation_timestamp  # ours now
     moved, incumbent, _best, basis = publish.promote(client, "m", "1", 0.1, report={})
     assert moved and incumbent is None and basis == "no champion yet"
+
+
+def test_the_pipeline_run_describes_itself_with_a_link_to_airflow_and_ends_with_its_outcome(tmp_path, monkeypatch):
+    """MLflow shows `mlflow.note.content` as the run's description (markdown): a clickable link to the
+    Airflow run and what it distils from the start; status, verdict and accuracies once it ends."""
+    import re
+
+    from bertdistill import tracking
+    from bertdistill.manifest import Manifest
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "notes"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    url = "http://127.0.0.1:8080/dags/bert_distillation/runs/manual__2026-11-27T10%3A00%3A00%2B00%3A00"
+    tags = {"airflow.dag_id": "bert_distillation", "airflow.run_id": "manual__2026-11-27T10:00:00+00:00",
+            "airflow.run_type": "manual", "airflow.url": url, "bertdistill.student": "s3://b/students/3l-k10-ab"}
+    params = {"wiki": "enwiki", "date": "20160101", "teacher": None, "student_layers": 3, "train_steps": 10_000,
+              "batch_size": 32, "ranks": 1, "top_k": 10, "control": True}
+    parent = tracking.start_pipeline("enwiki 20160101 manual", params, tags=tags)
+    client = _client(env)
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    link = r"\[manual__2026-11-27T10:00:00\+00:00\]\((http[^)\s]+)\)"
+    assert re.search(link, note).group(1) == url
+    assert "into a 3-layer student on the enwiki dump of 20160101: 10,000 steps of 32 examples" in note
+    assert "`s3://b/students/3l-k10-ab`" in note and "**Status:" not in note
+
+    # evaluate's headline figures and verdict, and publish's version, reach the parent as the steps log them
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    words = "Distillation helped: the student beats its no-teacher control by +1.3 points."
+    metrics = {"student_mlm_accuracy": 0.253, "control_mlm_accuracy": 0.24, "teacher_mlm_accuracy": 0.3}
+    for step, summary in (("evaluate", {"parent_metrics": metrics, "parent_tags": {"verdict": words}}),
+                          ("publish", {"parent_tags": {"model_version": "models:/m/3", "champion": "true"}})):
+        tracking.log_step(step, Manifest(step, {}, {}, summary=summary), str(tmp_path / step))
+    tracking.end_pipeline(parent, "FINISHED")
+    run = client.get_run(parent)
+    note = run.data.tags["mlflow.note.content"]
+    assert run.info.status == "FINISHED" and re.search(link, note).group(1) == url
+    assert "**Status: FINISHED**" in note and words in note
+    assert "Held-out masked-LM top-1: student 25.3%, control 24.0%, teacher 30.0%." in note
+    assert "Registered `models:/m/3` (the new champion)." in note
+
+    # closed again (the listener after the teardown): the outcome is replaced, not appended twice
+    tracking.end_pipeline(parent, "FAILED", failed_tasks="publish")
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.count("**Status:") == 1 and "**Status: FAILED** after" in note and "failed tasks: publish" in note
+    assert re.search(link, note).group(1) == url
+
+
+def test_a_pipeline_run_without_an_airflow_link_names_its_run_as_text(tmp_path, monkeypatch):
+    from bertdistill import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracking.start_pipeline("enwiki 20160101 manual", {"wiki": "enwiki", "teacher": "minilm"},
+                                     tags={"airflow.run_id": "manual__x", "airflow.dag_id": "bert_distillation"})
+    note = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(parent).data.tags[
+        "mlflow.note.content"]
+    assert note.startswith("Airflow DAG `bert_distillation`, run `manual__x`.") and "](" not in note
+    assert "Distils `minilm` into a student on the enwiki dump." in note

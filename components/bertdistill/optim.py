@@ -13,6 +13,9 @@ NO_DECAY = ("LayerNorm", "/bias", "output_bias")
 
 
 def learning_rate(step: tf.Tensor, peak: float, warmup: int, total: int) -> tf.Tensor:
+    """The rate of update `step` (from 1): up to `peak` in `warmup` equal steps, then linearly down to 0
+    at `total`. Only a warm-up shorter than the run leaves it any decay, so the steps size it from
+    their own step count (their `warmup()`), not as a fixed number of steps."""
     step = tf.cast(step, tf.float32)
     warm = step / max(warmup, 1)
     decay = tf.maximum(0.0, (total - step) / max(total - warmup, 1))

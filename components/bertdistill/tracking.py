@@ -9,6 +9,8 @@ manifest itself and the small report files as artifacts, and its inputs as datas
 name the store URIs and their content fingerprints, so a model in the registry leads back
 to the dump it was trained on. A step's `parent_metrics` and `parent_tags` (evaluate's
 distillation gain and verdict) go on the parent run too: the figures a user looks for first.
+The parent run's description (MLflow's note) links its Airflow run and says what it distils;
+at the end it gains the status, the verdict and the headline accuracies.
 
 Only the MLflow client is imported here, never TensorFlow: the Airflow DAG uses this module.
 """
@@ -43,6 +45,12 @@ SETTINGS_IN_SUMMARY = {"steps", "resumed_from", "student_layers", "student_param
                        "previous_champion_version", "chunks", "shuffle_buckets", "layers", "parameters"}
 SMALL_ARTIFACT_BYTES = 5 << 20
 ARTIFACT_SUFFIXES = (".json", ".png")
+# MLflow shows this tag as a run's description, rendered as markdown (links clickable), where a tag
+# such as airflow.url is plain text: the parent run says there what it is and how it ended.
+NOTE_TAG = "mlflow.note.content"
+NOTE_MAX_CHARS = 8000  # MLflow's limit on a tag's value
+OUTCOME_HEADING = "**Status:"
+DEPLOYMENT_TEACHER = "the deployment's teacher (BERTDISTILL_TEACHER)"  # a form that names none
 
 
 def enabled() -> bool:
@@ -57,7 +65,8 @@ def client():
 
 def experiment_id(name: str | None = None) -> str:
     """The experiment's id, created on first use (MLFLOW_EXPERIMENT_NAME, else 'bertdistill'),
-    marked as model training so MLflow 3's UI opens it on its runs table, not its GenAI views."""
+    marked as model training (MLflow 3.17's UI still opens it on its GenAI view: the runs table is
+    `#/experiments/<id>/runs?workflowType=machine_learning`, the link the demo's summary prints)."""
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     c = client()
     found = c.get_experiment_by_name(name)
@@ -85,7 +94,9 @@ def start_pipeline(run_name: str, params: dict[str, Any], tags: dict[str, str] |
     from mlflow.entities import Param, RunTag
 
     c = client()
-    run = c.create_run(experiment_id(), run_name=run_name, tags={"bertdistill.kind": "pipeline", **(tags or {})})
+    tags = {"bertdistill.kind": "pipeline", **(tags or {})}
+    tags[NOTE_TAG] = pipeline_description(params, tags)
+    run = c.create_run(experiment_id(), run_name=run_name, tags=tags)
     c.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
                 tags=[RunTag("bertdistill.state", "running")])
     return run.info.run_id
@@ -95,14 +106,88 @@ def end_pipeline(run_id: str, status: str = "FINISHED", **tags: str) -> None:
     """Close the pipeline's run and any step run under it still open (KILLED: its step never closed it)."""
     c = client()
     run = c.get_run(run_id)
-    c.log_metric(run_id, "pipeline_wall_seconds", time.time() - run.info.start_time / 1000)
+    wall = time.time() - run.info.start_time / 1000
+    c.log_metric(run_id, "pipeline_wall_seconds", wall)
     for child in open_runs(c, f"tags.`mlflow.parentRunId` = '{run_id}'", run.info.experiment_id):
         c.set_tag(child.info.run_id, "bertdistill.state", "killed")
         c.set_terminated(child.info.run_id, "KILLED")
     for key, value in tags.items():
         c.set_tag(run_id, f"bertdistill.{key}", value)
     c.set_tag(run_id, "bertdistill.state", status.lower())
+    run = c.get_run(run_id)  # with what the steps put on it meanwhile (evaluate's verdict, publish's version)
+    note = run.data.tags.get(NOTE_TAG, "").split(OUTCOME_HEADING)[0].rstrip()  # once, if closed twice
+    outcome = pipeline_outcome(status, wall, run.data.tags, run.data.metrics)
+    c.set_tag(run_id, NOTE_TAG, _note(f"{note}\n\n{outcome}" if note else outcome))
     c.set_terminated(run_id, status)
+
+
+def pipeline_description(params: dict[str, Any], tags: dict[str, str]) -> str:
+    """The parent run's description as it starts (markdown): the Airflow run it belongs to, as a
+    link when `airflow.url` names it, and what it distils into what, on which dump."""
+    lines = []
+    if tags.get("airflow.run_id"):
+        dag, run_type = tags.get("airflow.dag_id", "?"), tags.get("airflow.run_type")
+        run = _markdown_link(tags["airflow.run_id"], tags.get("airflow.url", ""))
+        lines.append(f"Airflow DAG `{dag}`, run {run}" + (f" ({run_type})." if run_type else "."))
+    teacher = tags.get("bertdistill.teacher") or params.get("teacher")
+    student = f"a {params['student_layers']}-layer student" if params.get("student_layers") else "a student"
+    what = f"Distils {f'`{teacher}`' if teacher else DEPLOYMENT_TEACHER} into {student}"
+    if params.get("wiki"):
+        what += f" on the {params['wiki']} dump" + (f" of {params['date']}" if params.get("date") else "")
+    training = []
+    if params.get("train_steps"):
+        steps = params["train_steps"]
+        training.append(f"{steps:,} steps" if isinstance(steps, int) else f"{steps} steps")
+        if params.get("batch_size"):
+            training[-1] += f" of {params['batch_size']} examples"
+    if params.get("ranks"):
+        training.append(f"{params['ranks']} rank(s)")
+    if params.get("top_k"):
+        training.append(f"top-{params['top_k']} teacher labels")
+    if "control" in params:
+        training.append("with a no-teacher control" if params["control"] else "without a no-teacher control")
+    lines.append(what + (f": {', '.join(training)}." if training else "."))
+    if tags.get("bertdistill.student"):
+        lines.append(f"Student folder: `{tags['bertdistill.student']}`.")
+    return _note("\n\n".join(lines))
+
+
+def pipeline_outcome(status: str, wall_seconds: float, tags: dict[str, str], metrics: dict[str, float]) -> str:
+    """What the description gains at the end (markdown): the status, evaluate's verdict and headline
+    accuracies, and the version publish registered, as far as the run got."""
+    head = f"{OUTCOME_HEADING} {status}** after {wall_seconds:,.0f} s"
+    if tags.get("bertdistill.failed_tasks"):
+        head += f"; failed tasks: {tags['bertdistill.failed_tasks']}"
+    lines = [head + "."]
+    if tags.get("bertdistill.verdict"):
+        lines.append(tags["bertdistill.verdict"])
+    else:
+        lines.append("No verdict: evaluate did not report one.")
+    figures = [f"{who} {metrics[f'{key}_mlm_accuracy']:.1%}"
+               for key, who in (("student", "student"), ("control", "control"), ("teacher", "teacher"),
+                                ("baseline", "most-frequent-token baseline"))
+               if f"{key}_mlm_accuracy" in metrics]
+    if figures:
+        lines.append(f"Held-out masked-LM top-1: {', '.join(figures)}.")
+    if tags.get("bertdistill.model_version"):
+        crowned = {"true": " (the new champion)", "false": " (not the champion)"}.get(
+            tags.get("bertdistill.champion", ""), "")
+        lines.append(f"Registered `{tags['bertdistill.model_version']}`{crowned}.")
+    return "\n\n".join(lines)
+
+
+def _markdown_link(text: str, url: str) -> str:
+    """`text` as a markdown link to `url` (an http(s) URL), else as code: brackets in the text and
+    spaces or parentheses in the URL would end the link early."""
+    if not url.startswith(("http://", "https://")):
+        return f"`{text}`"
+    text = text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+    url = url.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+    return f"[{text}]({url})"
+
+
+def _note(text: str) -> str:
+    return text if len(text) <= NOTE_MAX_CHARS else text[: NOTE_MAX_CHARS - 3] + "..."
 
 
 def open_runs(c, filter_string: str, experiment: str | None = None) -> list:

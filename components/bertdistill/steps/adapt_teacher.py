@@ -41,10 +41,20 @@ class AdaptTeacherParams:
     steps: int = flag(300, minimum=1, help="training steps")
     batch_size: int = flag(32, minimum=1, help="examples per step")
     learning_rate: float = flag(4e-4, help="peak learning rate (AdamW)")
-    warmup_steps: int = flag(30, help="linear warm-up steps")
+    warmup_steps: int | None = flag(None, minimum=0, help="linear warm-up steps (default: --warmup-fraction of "
+                                    "--steps)")
+    warmup_fraction: float = flag(0.1, help="linear warm-up as a fraction of --steps, unless --warmup-steps is "
+                                  "given: the learning rate rises to its peak, then decays linearly to 0")
     eval_examples: int = flag(2048, minimum=1, help="held-out examples to evaluate on")
     seed: int = flag(0, help="seed for head initialisation and shuffling")
     force: bool = False
+
+    def warmup(self) -> int:
+        """The warm-up length in steps: a fraction of --steps by default, since a fixed count (it was
+        30) fits one run length only and a run no longer than it never decays."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(round(self.warmup_fraction * self.steps), self.steps - 1)
 
 
 def _shards(examples: str, split: str) -> tuple[list[str], dict]:
@@ -61,9 +71,16 @@ def _shards(examples: str, split: str) -> tuple[list[str], dict]:
 def run(params: AdaptTeacherParams) -> Manifest:
     if params.steps < 1 or params.batch_size < 1:
         raise StepError("--steps and --batch-size must be at least 1")
+    if not 0 <= params.warmup_fraction < 1:
+        raise StepError(f"--warmup-fraction must be at least 0 and below 1, got {params.warmup_fraction}")
+    if params.warmup() >= params.steps:
+        raise StepError(f"a warm-up of {params.warmup()} steps leaves no step of the {params.steps} to decay in: "
+                        "give fewer --warmup-steps, or none to use --warmup-fraction")
     train, info = _shards(params.examples, "train")
     heldout, _ = _shards(params.examples, "heldout")
-    fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "examples", "output", "force")}
+    fingerprint = {k: v for k, v in params.__dict__.items()
+                   if k not in ("teacher", "examples", "output", "force", "warmup_fraction")}
+    fingerprint["warmup_steps"] = params.warmup()  # what shapes the teacher, however it was asked for
     fingerprint["schema"] = 2
 
     def work(writer: OutputWriter) -> dict:
@@ -129,7 +146,7 @@ def _adapt(config, weights, train: list[str], heldout: list[str], info: dict, pa
     before = evaluate_mlm(model, heldout, info, params.eval_examples)
     trainable = {n: v for n, v in model.weights.items()
                  if not params.freeze_encoder or n.startswith(("cls/", "bert/pooler/"))}
-    optimizer = AdamW(trainable, params.learning_rate, params.warmup_steps, params.steps)
+    optimizer = AdamW(trainable, params.learning_rate, params.warmup(), params.steps)
     variables = list(trainable.values())
 
     @tf.function

@@ -58,7 +58,10 @@ class DistillParams:
     grad_accum: int = flag(1, minimum=1, help="micro-batches per optimizer step over all ranks (a multiple of the "
                            "rank count); global batch = batch-size x grad-accum at any scale")
     learning_rate: float = flag(5e-4, help="peak learning rate (AdamW)")
-    warmup_steps: int = flag(30, help="linear warm-up steps")
+    warmup_steps: int | None = flag(None, minimum=0, help="linear warm-up steps (default: --warmup-fraction of "
+                                    "--steps)")
+    warmup_fraction: float = flag(0.1, help="linear warm-up as a fraction of --steps, unless --warmup-steps is "
+                                  "given: the learning rate rises to its peak, then decays linearly to 0")
     weight_decay: float = flag(0.01, help="AdamW weight decay")
     temperature: float = flag(1.0, help="distillation temperature T")
     soft_mlm_weight: float = flag(1.0, help="weight of T^2 KL on the cached top-k")
@@ -82,6 +85,19 @@ class DistillParams:
             raise StepError(f"--lr-scaling must be 'none' or 'linear', got {self.lr_scaling!r}")
         if self.temperature <= 0:
             raise StepError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise StepError(f"--warmup-fraction must be at least 0 and below 1, got {self.warmup_fraction}")
+        if self.warmup() >= self.steps:
+            raise StepError(f"a warm-up of {self.warmup()} steps leaves no step of the {self.steps} to decay in: "
+                            "give fewer --warmup-steps, or none to use --warmup-fraction")
+
+    def warmup(self) -> int:
+        """The warm-up length in steps. A fraction of --steps by default, because a fixed count fits
+        one run length only: the former 30 were a tenth of a 300-step trial but the whole of a
+        30-step one, which then never reached its peak learning rate nor decayed."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(round(self.warmup_fraction * self.steps), self.steps - 1)
 
 
 def _label_shards(params: DistillParams, vocab_sha256: str) -> tuple[list[str], dict]:
@@ -111,7 +127,8 @@ def run(params: DistillParams) -> Manifest | None:
         logging.getLogger("bertdistill").setLevel(logging.WARNING)
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in asdict(params).items() if k not in ("teacher", "labels", "output", "force",
-                                                                          "threads")}
+                                                                          "threads", "warmup_fraction")}
+    fingerprint["warmup_steps"] = params.warmup()  # what shapes the student, however it was asked for
     fingerprint["schema"] = 1
     inputs = {"teacher": params.teacher, "labels": params.labels}
 
@@ -200,7 +217,9 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
         model.assign(init)
     variables = list(model.weights.values())
     lr = peak_learning_rate(params)
-    optimizer = AdamW(model.weights, lr, params.warmup_steps, params.steps, params.weight_decay)
+    optimizer = AdamW(model.weights, lr, params.warmup(), params.steps, params.weight_decay)
+    log.info("distill: learning rate up to %.2g over %d warm-up step(s), then linearly down to 0 at step %d",
+             lr, params.warmup(), params.steps)
     history: list[float] = []
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
     world.broadcast(variables + optimizer.m + optimizer.v)

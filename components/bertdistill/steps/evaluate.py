@@ -335,6 +335,18 @@ def latency(models: dict, batch: int, L: int, P: int, repeats: int = 15) -> dict
 
 
 def chart(report: dict, path: Path) -> None:
+    """report.png: the figure below, saved."""
+    fig = figure(report)  # first: it selects the Agg backend (no display) before pyplot loads
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(report: dict):
+    """The report as a picture: held-out accuracies of every model scored (the current champion too,
+    when evaluate scored it: publish decides on that comparison, so the picture shows it) and the
+    latency of student and teacher (the only two timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,9 +355,12 @@ def chart(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     names = ["mlm_accuracy", "mlm_accuracy_outside_top10", "agreement_with_teacher"]
     x = np.arange(len(names))
-    whos = [w for w in ("baseline", "control", "student", "teacher") if w in report]
+    whos = [w for w in ("baseline", "control", "champion", "student", "teacher") if w in report]
     width = 0.8 / len(whos)
     labels = {"control": "control (no teacher)"}
+    if "champion" in report:
+        version = report["champion"].get("version")
+        labels["champion"] = f"champion (version {version})" if version is not None else "champion"
     for i, who in enumerate(whos):
         left.bar(x + (i - (len(whos) - 1) / 2) * width, [report[who].get(n, 0) for n in names], width,
                  label=labels.get(who, who))
@@ -353,10 +368,11 @@ def chart(report: dict, path: Path) -> None:
     left.set_ylabel("held-out masked positions")
     left.legend()
     title = f"{report['positions']:,} held-out masked positions"
-    if "distillation_gain" in report:
-        g = report["distillation_gain"]
-        title += (f"\ngain over control {g['mlm_accuracy'] * 100:+.1f} points "
-                  f"(95% CI {g['ci95_low'] * 100:+.1f} to {g['ci95_high'] * 100:+.1f})")
+    for key, against in (("distillation_gain", "control"), ("gain_over_champion", "champion")):
+        if key in report:
+            g = report[key]
+            title += (f"\ngain over {against} {g['mlm_accuracy'] * 100:+.1f} points "
+                      f"(95% CI {g['ci95_low'] * 100:+.1f} to {g['ci95_high'] * 100:+.1f})")
     left.set_title(title)
     whos = ["student", "teacher"]
     right.bar(np.arange(2) - 0.2, [report[w]["latency_encoder_s"] for w in whos], 0.4, label="encoder")
@@ -367,5 +383,4 @@ def chart(report: dict, path: Path) -> None:
     right.legend()
     right.set_title(f"encoder {report['speedup_encoder']:.2f}x faster")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
