@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# setuptools leaves the editable build's metadata beside the code, which the editable install puts on
+	# sys.path: the airflow.plugins entry point would be found twice ("Plugin 'bertdistill' already registered")
+	rm -rf components/bertdistill.egg-info
 	$(MAKE) horovod
 	touch $@
 
@@ -62,9 +65,9 @@ $(SAMPLE)/.done: $(STAMP) components/bertdistill/sample.py
 AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False BERTDISTILL_STORE=$(CURDIR)/$(DATA) \
 	BERTDISTILL_MIRROR=$(CURDIR)/$(SAMPLE)/mirror BERTDISTILL_TEACHER=$(CURDIR)/$(SAMPLE)/minilm
-DEMO_CONF ?= {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "max_seq_length": 64, \
-	"max_predictions_per_seq": 10, "dupe_factor": 1, "adapt_steps": 300, "adapt_learning_rate": 0.001, \
-	"student_layers": 3, "top_k": 10, "train_steps": 200, "batch_size": 32, "ranks": 1}
+# The demo's sizes are the form's `size: demo` preset (orchestration/plan.py, DEMO), also what `make up`
+# gives the monthly DAG.
+DEMO_CONF ?= {"size": "demo"}
 
 demo: sample
 	$(AIRFLOW_ENV) $(BIN)/airflow db migrate >/dev/null
@@ -108,13 +111,18 @@ images-gpu:
 	$(BUILD) -f containers/trainer/Dockerfile --build-arg VARIANT=gpu --build-arg BASE=$(REGISTRY)/pipeline:$(VERSION)-gpu \
 		-t $(REGISTRY)/trainer:$(VERSION)-gpu .
 
-# Lint and render the chart with Helm's Go SDK (no helm binary needed), and lint the Dockerfiles.
+# Lint and render the chart with Helm's Go SDK (no helm binary needed), and lint the Dockerfiles. Both use
+# helm/bertdistill/ci/example-values.yaml: names of the Secrets an operator creates first (docs/pipeline.md,
+# "Deploying on a cluster"); tests/k8s/test_chart.py renders the same file. A refusal prints one line, not a traceback.
 chart: $(STAMP)
-	$(BIN)/python -c "import helm_python as h, json; r = h.lint('helm/bertdistill'); print(json.dumps(r, indent=1)); \
-		assert not r['errors']"
-	$(BIN)/python -c "import helm_python as h; c = h.Chart.load('helm/bertdistill'); \
-		print('\n---\n'.join(c.render({'s3': {'existingSecret': 'bertdistill-s3'}}, name='bertdistill', \
-		namespace='bertdistill').values()))"
+	$(BIN)/python -c "import helm_python as h, json; r = h.lint('helm/bertdistill', \
+		h.values_from_yaml(open('helm/bertdistill/ci/example-values.yaml').read())); \
+		print(json.dumps(r, indent=1)); assert not r['errors']"
+	$(BIN)/python -c "import helm_python as h, re, sys; \
+		sys.excepthook = lambda t, e, tb: print('make chart: cannot render:', re.sub(r'^execution error at \(.*?\): ', \
+		'', ' '.join(str(e).split())), file=sys.stderr) if issubclass(t, h.HelmError) else sys.__excepthook__(t, e, tb); \
+		v = h.values_from_yaml(open('helm/bertdistill/ci/example-values.yaml').read()); \
+		print('\n---\n'.join(h.Chart.load('helm/bertdistill').render(v, name='bertdistill', namespace='bertdistill').values()))"
 	$(BIN)/hadolint containers/*/Dockerfile
 
 test: sample

@@ -19,9 +19,12 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "bertdistill"
-SECRETS = {"adminSecret": "bertdistill-mlflow-admin", "pipelineSecret": "bertdistill-mlflow-pipeline"}
-VALUES = {"s3": {"existingSecret": "bertdistill-s3", "endpointUrl": "http://minio.storage:9000"},
-          "mlflow": {"auth": SECRETS}}  # everything else as it ships: auth and network policies on
+# What `make chart` renders with: the names of the Secrets an operator creates (docs/pipeline.md). The tests
+# add an S3 endpoint; everything else as it ships: auth and network policies on.
+EXAMPLE_VALUES = CHART / "ci" / "example-values.yaml"
+EXAMPLE = helm.values_from_yaml(EXAMPLE_VALUES.read_text())
+SECRETS = EXAMPLE["mlflow"]["auth"]
+VALUES = {**EXAMPLE, "s3": {**EXAMPLE["s3"], "endpointUrl": "http://minio.storage:9000"}}
 
 
 def render(values: dict, name: str = "bertdistill", namespace: str = "bertdistill") -> list[dict]:
@@ -159,6 +162,43 @@ def test_missing_or_unknown_values_are_refused_with_a_fix():
         render({"s3": VALUES["s3"], "mlflow": {"auth": {"adminSecret": "a"}}})
     with pytest.raises(helm.HelmError, match=r"additional|not allowed|replicas"):
         render({**VALUES, "mlflow": {"replicas": 3}})
+
+
+def _make_chart_commands(python_dir: str) -> list[str]:
+    """The shell commands of the Makefile's `chart` target as make runs them (`make -n`), with this Python."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make here")
+    out = subprocess.run([make, "-n", "--no-print-directory", "-o", ".venv/.installed", "chart", f"BIN={python_dir}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [c for c in re.split(r"(?<!\\)\n", out) if c.strip()]
+
+
+def test_make_chart_lints_and_renders_the_example_values_and_refuses_in_one_line(tmp_path):
+    """`make chart` and these tests render one values file, so they cannot drift; a missing Secret name is
+    refused with one line saying what to create, not a Python traceback around Helm's Go error."""
+    commands = _make_chart_commands(str(Path(sys.executable).parent))
+    lint, render_cmd = [c for c in commands if "helm_python" in c]
+    relative = str(EXAMPLE_VALUES.relative_to(ROOT))
+    assert relative in lint and relative in render_cmd
+    assert "existingSecret" not in lint + render_cmd  # no values of its own beside the file's
+    assert helm.lint(str(CHART), EXAMPLE)["errors"] == []
+    for obj in render(EXAMPLE):
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+    done = subprocess.run(["bash", "-c", render_cmd], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "kind: Deployment" in done.stdout and f"name: {SECRETS['adminSecret']}" in done.stdout
+
+    partial = tmp_path / "values.yaml"
+    partial.write_text(f"s3:\n  existingSecret: {EXAMPLE['s3']['existingSecret']}\nmlflow:\n  auth:\n"
+                       f"    adminSecret: {SECRETS['adminSecret']}\n")
+    refused = subprocess.run(["bash", "-c", render_cmd.replace(relative, str(partial))], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert refused.returncode == 1
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("make chart: cannot render: mlflow.auth.pipelineSecret is required"), line
+    assert "kubectl create secret generic" in line and "Traceback" not in refused.stderr
 
 
 def test_dockerfiles_are_hadolint_clean():

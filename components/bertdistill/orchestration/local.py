@@ -1,14 +1,18 @@
 """The embedded default: a step is a child process of the Airflow task.
 
-The process's output goes line by line into the task log. Exit code 2 is the steps' "bad
-input" (a StepError: the same input fails the same way), so the task fails without retries;
-any other non-zero exit may be transient and is left to the task's retries. Killing the task
-kills the whole process group, Horovod ranks included.
+The process's output goes line by line into the task log, which stamps each line: so a line
+loses the step's own leading timestamp, and a progress bar that still drew (its redraws joined
+by carriage returns; step_env turns the known ones off) keeps only its last state. Exit code 2
+is the steps' "bad input" (a StepError: the same input fails the same way), so the task fails
+without retries; any other non-zero exit may be transient and is left to the task's retries.
+Killing the task kills the whole process group, Horovod ranks included.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +23,16 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from bertdistill.errors import BAD_INPUT_EXIT
+
+# The timestamp a line of the step starts with: its logging format's asctime ("2026-11-26 13:34:19,407 ")
+# or TensorFlow's C++ logging's ("2026-11-26 13:34:19.407123: I tensorflow/..."), after the rank
+# horovodrun puts first ("[1]<stderr>:") for a multi-rank distill.
+STEP_TIMESTAMP = re.compile(r"\A(\[\d+\]<\w+>:)?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?:? ")
+
+
+def relayed(line: str) -> str:
+    """A line of the step's output as the task log gets it: one timestamp (Airflow's), one redraw."""
+    return STEP_TIMESTAMP.sub(r"\1", line.rstrip("\r\n").rsplit("\r", 1)[-1], count=1)
 
 
 def step_command(arguments: Sequence[str], ranks: int = 1) -> list[str]:
@@ -51,12 +65,13 @@ class LocalStepOperator(BaseOperator):
         command = step_command([str(a) for a in self.arguments], int(self.ranks))
         self.log.info("running: %s", " ".join(command))
         env = {**os.environ, **{k: str(v) for k, v in self.env_vars.items()}, "PYTHONUNBUFFERED": "1"}
-        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env, start_new_session=True)
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
         last_error = ""
         assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            line = line.rstrip("\n")
+        # lines end at "\n" only, so a progress bar's "\r" redraws stay one line (text=True would split them)
+        for raw in io.TextIOWrapper(self._proc.stdout, encoding="utf-8", errors="replace", newline="\n"):
+            line = relayed(raw)
             if "error:" in line:
                 last_error = line
             self.log.info("%s", line)

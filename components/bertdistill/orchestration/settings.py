@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("local", "kubernetes")
+# A step's output ends up in a task log, not a terminal: a progress bar there is one line per redraw
+# (MLflow's artifact transfers, Hugging Face downloads, anything else drawn with tqdm).
+NO_PROGRESS_BARS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                    "TQDM_DISABLE": "1"}
 
 
 def _get(name: str, default: str) -> str:
@@ -91,7 +95,7 @@ class Settings:
 
     def step_env(self) -> dict[str, str]:
         """What every step process or pod needs besides its arguments (no secrets: those come from a Secret)."""
-        env = {"MLFLOW_TRACKING_URI": self.tracking_uri(), "MLFLOW_EXPERIMENT_NAME": "bertdistill"}
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri(), "MLFLOW_EXPERIMENT_NAME": "bertdistill", **NO_PROGRESS_BARS}
         if self.mlflow_artifacts:
             env["BERTDISTILL_MLFLOW_ARTIFACTS"] = self.mlflow_artifacts
         if self.s3_endpoint_url:

@@ -9,9 +9,11 @@ what it does not.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from bertdistill.orchestration.settings import Settings
@@ -19,9 +21,37 @@ from bertdistill.orchestration.settings import Settings
 PROBES = ("the united [MASK] of america.", "the album was released [MASK] 1998.", "in 1990, he [MASK] to london.",
           "paris is the capital of [MASK].")
 
+# Read once, at import, by TensorFlow's C++ logging (which prints its oneDNN and CPU-feature notices as
+# TensorFlow loads, before any Python filter could act) and by MLflow: so set before either is imported.
+# Level 2 drops TensorFlow's INFO and WARNING lines and keeps its ERROR and FATAL ones.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_LOGGING_LEVEL": "ERROR",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def quiet() -> None:
+    """Keep the libraries' notices out of a summary a person reads.
+
+    Loading the champion imports MLflow and TensorFlow, which warn about how a model was logged
+    ("Add type hints ...") and how TensorFlow was built: nothing about this run's result. Errors
+    still show: they raise, or print as errors. A variable already set, or -W / PYTHONWARNINGS,
+    wins, so `TF_CPP_MIN_LOG_LEVEL=0 python -m bertdistill.orchestration.summary` shows everything.
+    """
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+        # MLflow shows its type-hint warning under a filter of its own (catch_warnings + "once"),
+        # which outranks the one above; what no filter overrides is how a warning is shown.
+        warnings.showwarning = _drop_warning
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its Python side: notes on tracing, devices
+
+
+def _drop_warning(*_args: object, **_kwargs: object) -> None:
+    """warnings.showwarning for the summary: a library's warning is not shown."""
+
 
 def main() -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet()
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -74,12 +104,9 @@ Serve:   PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m "
 
 def answers(uri: str, model: str) -> str:
     """The champion's top 3 words for each probe, with their probabilities."""
-    import warnings
-
     import mlflow.pyfunc
     import pandas as pd
 
-    warnings.filterwarnings("ignore", message="Add type hints")  # about logging models, not loading them
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model(f"models:/{model}@champion")
     if "text" not in served.metadata.get_input_schema().input_names():
