@@ -133,13 +133,17 @@ def test_check_dump_plans_the_newest_dump_and_stops_when_it_was_published(sample
 
     settings = Settings(store=str(tmp_path / "store"), mirror=str(sample / "mirror"), teacher=str(sample / "minilm"))
     params = {"max_dump_files": 1, "train_shards": 2, "heldout_shards": 1}
-    plan = tasks.check_dump(params, settings, as_of=datetime(2026, 11, 26, 3, tzinfo=UTC))
-    assert plan.date == "20160101" and plan.text.endswith("/text/first1-2-1")
+    plan, nothing_to_do = tasks.check_dump(params, settings, as_of=datetime(2026, 11, 26, 3, tzinfo=UTC))
+    assert plan.date == "20160101" and plan.text.endswith("/text/first1-2-1") and nothing_to_do is None
     published = Path(plan.published)
     published.parent.mkdir(parents=True)
     published.write_text('{"step": "publish", "params": {}, "inputs": {}, "summary": {"model_version": 3}}')
-    assert tasks.check_dump(params, settings, as_of=datetime(2026, 11, 27, 3, tzinfo=UTC)) is None
-    assert tasks.check_dump(params | {"force": True}, settings).date == "20160101"
+    _, nothing_to_do = tasks.check_dump(params, settings, as_of=datetime(2026, 11, 27, 3, tzinfo=UTC))
+    # what the run's note in Airflow's grid says: the dump, the model it produced, how to redo it
+    assert nothing_to_do == (f"enwiki 20160101 was already distilled and published with these settings, as "
+                             f"{plan.model_name} version 3; set force to distil it again")
+    plan, nothing_to_do = tasks.check_dump(params | {"force": True}, settings)
+    assert plan.date == "20160101" and nothing_to_do is None
     with pytest.raises(ValueError, match="at most as many ranks"):
         tasks.check_dump(params | {"ranks": 3}, settings)
     with pytest.raises(StepError, match=r"no dump dates listed .* on or before 2015-06-01"):
@@ -194,3 +198,24 @@ def test_the_teacher_is_adapted_only_without_a_head_and_used_once_adapted(tmp_pa
     assert all(a[a.index("--teacher") + 1] == plan.adapted_teacher for a in tasks.trainings(plan, ready["teacher"]))
     _commit(plan.teacher, summary={"heads": ["mlm", "nsp"]})
     assert tasks.teacher_needs_head(plan) is False
+
+
+def test_the_demo_size_fills_the_fields_left_at_their_defaults_and_keeps_the_changed_ones():
+    """`size: demo` is make demo's sizes; the form sends every field, so a field still at its full
+    default takes the preset and one the person changed keeps the change."""
+    demo = planning.full_params({"size": "demo"})
+    assert {k: getattr(demo, k) for k in planning.DEMO} == planning.DEMO
+    assert demo.size == "demo" and demo.student_layers == planning.DEFAULTS["student_layers"]
+    changed = planning.full_params(planning.DEFAULTS | {"size": "demo", "train_steps": 50})
+    assert changed.train_steps == 50 and changed.train_shards == planning.DEMO["train_shards"]
+    assert planning.full_params(planning.DEFAULTS) == planning.RunParams()  # full: every field as it is
+    with pytest.raises(ValueError, match="size = 'huge': use one of full, demo"):
+        planning.full_params({"size": "huge"})
+
+
+def test_a_demo_sized_plan_keeps_its_sizes_when_the_dump_needs_more_shards():
+    """make_plan checks the sizes again after raising the shard count: the preset is not applied twice."""
+    settings = Settings(store="/store", shard_target_mb="1")
+    plan = planning.make_plan({"size": "demo"}, settings, "20160101", dump_bytes=3_000_000)
+    assert plan.params.size == "demo" and plan.params.train_steps == planning.DEMO["train_steps"]
+    assert plan.params.train_shards > planning.DEMO["train_shards"]

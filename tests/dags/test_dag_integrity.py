@@ -28,9 +28,7 @@ print(json.dumps({
     "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
     "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
     "kinds": {t.task_id: getattr(t, "operator_class", type(t)).__name__ for t in dag.tasks} if dag else {},
-    "setup": sorted(t.task_id for t in dag.tasks if t.is_setup) if dag else [],
-    "teardown": {t.task_id: sorted(s.task_id for s in t.upstream_list if s.is_setup)
-                 for t in dag.tasks if t.is_teardown} if dag else {},
+    "setup_or_teardown": sorted(t.task_id for t in dag.tasks if t.is_setup or t.is_teardown) if dag else [],
     "form": {k: dag.params.get_param(k).schema | {"default": dag.params.get_param(k).value,
                                                    "description": dag.params.get_param(k).description}
              for k in dag.params} if dag else {},
@@ -72,8 +70,9 @@ def test_the_dag_parses_without_tensorflow(airflow_env, mode):
     assert out["dag_ids"] == ["bert_distillation", "bert_distillation_monthly"]
     assert out["schedule"] == "None"
     assert out["monthly_schedule"] == "0 3 * * *" and out["monthly_paused"] is True
-    # MLflow tracking opens in a setup task and closes in its teardown, whatever fails between.
-    assert out["setup"] == ["prepare"] and out["teardown"] == {"close_tracking": ["prepare"]}
+    # No teardown: it would decide the state of a run marked failed (success) and never run in a paused
+    # DAG; the plugin's listener closes MLflow when the run ends (test_listener.py, test_local_stack.py).
+    assert out["setup_or_teardown"] == []
     steps = ["fetch_dump", "extract", "build_corpus", "make_examples", "fetch_teacher", "adapt_teacher",
              "label_teacher", "distill", "evaluate", "publish"]
     assert all(out["retries"][s] >= 2 for s in steps)
@@ -99,6 +98,10 @@ def test_the_form_refuses_bad_params(airflow_env):
         "k_above_vocab": {"top_k": 30523},
         "bad_date": {"date": "2026-01-01"},
         "zero_ranks": {"ranks": 0},
+        "zero_steps": {"train_steps": 0},
+        "negative_files": {"max_dump_files": -3},
+        "too_many_shards": {"train_shards": 1001},
+        "unknown_size": {"size": "huge"},
         "control_not_a_switch": {"control": "maybe"},
     }
     out = _python(airflow_env, VALIDATE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"], json.dumps(cases))
@@ -106,12 +109,27 @@ def test_the_form_refuses_bad_params(airflow_env):
     for name, result in out.items():
         assert result.startswith("ParamValidationError"), (name, result)
     assert "train_steps" in out["negative_steps"] and "klingonwiki" in out["unknown_wiki"]
+    # refused, not clamped: Airflow's form clamps to `minimum`/`maximum`, so the form has exclusive bounds
+    assert "param train_steps: 0 is less than or equal to the minimum of 0" in out["zero_steps"]
+    assert "param max_dump_files: -3" in out["negative_files"] and "1001" in out["too_many_shards"]
+
+
+def test_no_number_field_is_clamped_by_the_form(airflow_env):
+    """The trigger form's number input clamps a value to the schema's minimum and maximum without a
+    word (a negative step count became 1): no field has them, every integer field has exclusive bounds."""
+    form = _python(airflow_env, PARSE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"])["form"]
+    integers = [name for name, schema in form.items() if "integer" in schema["type"]]
+    assert len(integers) == 12
+    for name in integers:
+        assert "minimum" not in form[name] and "maximum" not in form[name], name
+        assert form[name]["exclusiveMinimum"] >= 0, name
 
 
 def test_every_form_field_says_what_it_is_and_the_switches_are_not_required(airflow_env):
     out = _python(airflow_env, PARSE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"])
     form = out["form"]
-    assert len(form) == 18
+    assert len(form) == 19
+    assert form["size"]["enum"] == ["full", "demo"] and form["size"]["default"] == "full"
     for name, schema in form.items():
         assert len(schema["description"] or "") >= 20, name
         assert schema.get("title"), name
@@ -132,3 +150,12 @@ def test_the_monthly_sizes_come_from_the_deployment_not_the_form(airflow_env):
     out = _python(env, PARSE, env["AIRFLOW__CORE__DAGS_FOLDER"])
     [error] = out["errors"].values()
     assert "BERTDISTILL_MONTHLY_PARAMS" in error and "train_shard" in error and "train_shards" in error
+
+
+def test_the_plugin_is_registered_once_with_no_import_error(airflow_env):
+    """The home page shows Airflow's plugin import errors: the listener's entry point must be found once
+    (an editable install's metadata beside the code made it "Plugin 'bertdistill' already registered")."""
+    code = ("import json; from airflow import plugins_manager as p; "
+            "print(json.dumps({'errors': p.get_import_errors(), 'plugins': [x['name'] for x in p.get_plugin_info()]}))")
+    out = _python(airflow_env, code)
+    assert out == {"errors": {}, "plugins": ["bertdistill"]}

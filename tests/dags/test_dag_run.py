@@ -123,11 +123,12 @@ def test_the_demo_summary_reads_the_run_and_asks_the_champion(local_run):
 
 def test_a_failed_run_closes_its_mlflow_runs(airflow_env, sample, hf_teacher, tmp_path):
     """A step that fails (here fetch-teacher, given a teacher that does not exist) fails the run; the
-    teardown still closes the pipeline's MLflow run FAILED, naming the failed task, and no run stays open."""
+    plugin's listener, called by the runner as the run ends, closes the pipeline's MLflow run FAILED,
+    naming the failed task, and no run stays open."""
     env = run_env(airflow_env, sample, hf_teacher, str(tmp_path / "store"), tmp_path / "mlflow.db")
     proc = dags_test(env, {**TINY, "teacher": str(tmp_path / "no-such-teacher")})
     out = proc.stdout + proc.stderr
-    assert "close_tracking" in tasks_run(out), out[-4000:]
+    assert "fetch_teacher" in tasks_run(out) and "publish" not in tasks_run(out), out[-4000:]
     _client, all_runs = runs(tmp_path / "mlflow.db")
     [parent] = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED", parent.data.tags
@@ -249,3 +250,19 @@ def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaw
     assert not (tmp_path / "artifacts").exists()
     client, _all_runs = runs(tmp_path / "mlflow.db")
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
+
+
+def test_settings_that_cannot_run_fail_check_dump_once_with_their_reason(airflow_env, sample, hf_teacher, tmp_path):
+    """More Horovod ranks than train shards: check_dump refuses before any step or MLflow run, with the
+    reason as the task's error, and is not retried (the same settings fail the same way)."""
+    env = run_env(airflow_env, sample, hf_teacher, str(tmp_path / "store"), tmp_path / "mlflow.db")
+    proc = dags_test(env, {**TINY, "ranks": 3})
+    out = proc.stdout + proc.stderr
+    assert tasks_run(out) == {"check_dump"}, out[-3000:]
+    assert "ranks = 3 but train_shards = 2" in out and "AirflowFailException" in out
+    assert "up_for_retry" not in out
+    if (tmp_path / "mlflow.db").exists():  # the listener looked for a pipeline run to close: there is none
+        import mlflow
+
+        assert mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name(
+            "bertdistill") is None

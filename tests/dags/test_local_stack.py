@@ -89,39 +89,129 @@ def _mlflow(info: dict, path: str, body: dict | None = None) -> dict:
     return found
 
 
-def test_a_run_marked_failed_in_the_ui_leaves_no_mlflow_run_open(stack):
-    """While adapt-teacher trains, a person marks the run failed: Airflow kills the step, the listener
-    closes the pipeline's run KILLED and the step's run too. Checked through both servers' REST APIs."""
-    info, _root = stack
-    api = info["airflow"]
-    token = _call("POST", f"{api}/auth/token", {"username": info["user"], "password": info["password"]})[1][
-        "access_token"]
-    status, run = _call("POST", f"{api}/api/v2/dags/bert_distillation/dagRuns",
-                        {"logical_date": None, "conf": {**TINY, "adapt_steps": 100000, "force": True}}, token)
-    assert status == 200, run
-    runs_url = f"{api}/api/v2/dags/bert_distillation/dagRuns/{run['dag_run_id']}"
+def _token(info: dict) -> str:
+    return _call("POST", f"{info['airflow']}/auth/token", {"username": info["user"],
+                                                           "password": info["password"]})[1]["access_token"]
+
+
+def _wait(what: str, check, timeout: float = 600, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(every)
+    return found
+
+
+def _pipeline_runs(info: dict, dag_run_id: str) -> tuple[list[dict], list[dict]]:
+    """The MLflow parent run(s) of one Airflow run, and every run of the experiment still RUNNING."""
     experiment = _mlflow(info, "experiments/get-by-name?experiment_name=bertdistill")["experiment"]["experiment_id"]
-    search = {"experiment_ids": [experiment], "filter": "attributes.status = 'RUNNING'", "max_results": 100}
-    deadline = time.monotonic() + 600
-    while not any(r["data"].get("tags") and {"key": "bertdistill.step", "value": "adapt-teacher"} in r["data"]["tags"]
-                  for r in _mlflow(info, "runs/search", search).get("runs", [])):  # the step's run is open
-        assert time.monotonic() < deadline, "adapt-teacher never started"
-        assert _call("GET", runs_url, token=token)[1]["state"] in ("queued", "running")
-        time.sleep(3)
-    assert _call("PATCH", runs_url, {"state": "failed"}, token)[0] == 200
-    deadline = time.monotonic() + 120
-    while open_runs := _mlflow(info, "runs/search", search).get("runs", []):
-        assert time.monotonic() < deadline, [r["info"]["run_name"] for r in open_runs]
+    everything = _mlflow(info, "runs/search", {"experiment_ids": [experiment], "max_results": 1000}).get("runs", [])
+    parents = [r for r in everything if {"key": "airflow.run_id", "value": dag_run_id} in r["data"]["tags"]]
+    return parents, [r for r in everything if r["info"]["status"] == "RUNNING"]
+
+
+def _closed(info: dict, dag_run_id: str) -> list[dict] | None:
+    """The parent runs of this Airflow run once no run of the experiment is RUNNING any more."""
+    parents, running = _pipeline_runs(info, dag_run_id)
+    return parents if parents and not running else None
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _ended(api: str, token: str, url: str) -> dict | None:
+    run = _call("GET", url, token=token)[1]
+    return run if run["state"] in ("success", "failed") else None
+
+
+def _states_stay(api: str, token: str, url: str, expected: str, seconds: float = 20) -> None:
+    """The run's state is `expected` and stays so (today's bug: it turned success seconds later)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = _call("GET", url, token=token)[1]["state"]
+        assert state == expected, f"{url}: {state}"
         time.sleep(2)
-    everything = _mlflow(info, "runs/search", {"experiment_ids": [experiment], "max_results": 1000})["runs"]
-    parents = [r for r in everything if not any(t["key"] == "mlflow.parentRunId" for t in r["data"]["tags"])]
-    killed = [r for r in parents if {"key": "airflow.run_id", "value": run["dag_run_id"]} in r["data"]["tags"]]
-    assert [r["info"]["status"] for r in killed] == ["KILLED"]
-    # Two pipeline runs, told apart by name, the finished one with its figures on the parent itself.
-    assert len({r["info"]["run_name"] for r in parents}) == len(parents) == 2
-    [finished] = [r for r in parents if r["info"]["status"] == "FINISHED"]
-    metrics = {m["key"] for m in finished["data"]["metrics"]}
-    assert {"student_mlm_accuracy", "teacher_mlm_accuracy", "baseline_mlm_accuracy"} <= metrics
+
+
+def test_a_run_marked_failed_mid_step_ends_failed_in_airflow_and_closed_in_mlflow(stack):
+    """While make-examples runs, one shard done and another in progress, a person marks the run failed
+    through the REST API (what the UI's button calls): Airflow shows the run failed and keeps it so, the
+    shard that had finished keeps its success, the running one failed; MLflow closes the pipeline's run
+    KILLED, the step's too, and no run of the experiment is left RUNNING."""
+    info, _root = stack
+    api, token = info["airflow"], _token(info)
+    conf = {**TINY, "train_shards": 3, "dupe_factor": 5, "force": True}
+    status, run = _call("POST", f"{api}/api/v2/dags/bert_distillation/dagRuns", {"logical_date": None,
+                                                                                   "conf": conf}, token)
+    assert status == 200, run
+    url = f"{api}/api/v2/dags/bert_distillation/dagRuns/{run['dag_run_id']}"
+
+    def one_done_one_running() -> dict | None:
+        mapped = _call("GET", f"{url}/taskInstances/make_examples/listMapped", token=token)[1]
+        states = {ti["map_index"]: ti["state"] for ti in mapped.get("task_instances", [])}
+        assert "failed" not in states.values(), states
+        return states if "success" in states.values() and "running" in states.values() else None
+
+    before = _wait("a make-examples shard done while another runs", one_done_one_running, every=0.3)
+    assert _call("PATCH", url, {"state": "failed"}, token)[0] == 200
+    _states_stay(api, token, url, "failed")
+    after = {ti["map_index"]: ti["state"] for ti in
+             _call("GET", f"{url}/taskInstances/make_examples/listMapped", token=token)[1]["task_instances"]}
+    for index, state in before.items():
+        if state == "success":
+            assert after[index] == "success", (before, after)
+        if state == "running":
+            assert after[index] == "failed", (before, after)
+    assert "publish" not in {ti["task_id"] for ti in _call("GET", f"{url}/taskInstances", token=token)[1][
+        "task_instances"] if ti["state"] == "success"}
+    parents = _wait("MLflow closed", lambda: _closed(info, run["dag_run_id"]), timeout=120)
+    assert [p["info"]["status"] for p in parents] == ["KILLED"]
+    assert "marked failed by hand" in _tags(parents[0])["bertdistill.stopped"]
+
+
+def test_a_second_run_of_the_same_settings_says_it_did_nothing(stack):
+    """The run succeeds at check_dump and its note (shown in the grid and the run's page) names the dump
+    already published and the model it produced."""
+    info, _root = stack
+    api, token = info["airflow"], _token(info)
+    status, run = _call("POST", f"{api}/api/v2/dags/bert_distillation/dagRuns", {"logical_date": None,
+                                                                                   "conf": TINY}, token)
+    assert status == 200, run
+    url = f"{api}/api/v2/dags/bert_distillation/dagRuns/{run['dag_run_id']}"
+    done = _wait("the no-op run ended", lambda: _ended(api, token, url), timeout=300)
+    assert done["state"] == "success"
+    assert done["note"].startswith("Nothing to do: enwiki 20160101 was already distilled and published"), done
+    assert f"as {MODEL} version 1;" in done["note"] and "set force" in done["note"]
+
+
+def test_unpausing_the_monthly_dag_starts_a_demo_sized_run_and_a_paused_run_marked_failed_ends(stack):
+    """make up gives the monthly DAG make demo's sizes: unpausing it starts one run of minutes. Paused
+    again with that run in flight, the run goes on (pausing stops nothing); marked failed, it ends failed
+    in Airflow (no teardown left waiting on a paused DAG's scheduling) and KILLED in MLflow."""
+    from bertdistill.orchestration.plan import DEMO
+
+    info, _root = stack
+    api, token = info["airflow"], _token(info)
+    dag = f"{api}/api/v2/dags/bert_distillation_monthly"
+    _wait("the monthly DAG parsed", lambda: _call("GET", dag, token=token)[0] == 200, timeout=180)
+    assert _call("PATCH", dag, {"is_paused": False}, token)[0] == 200
+    [run] = _wait("the scheduled run", lambda: _call("GET", f"{dag}/dagRuns", token=token)[1]["dag_runs"],
+                  timeout=180)
+    assert run["run_type"] == "scheduled"
+    url = f"{dag}/dagRuns/{run['dag_run_id']}"
+    xcom = f"{url}/taskInstances/check_dump/xcomEntries/return_value"
+    plan = _wait("check_dump's plan", lambda: _call("GET", xcom, token=token)[1].get("value"), timeout=300)
+    plan = plan if isinstance(plan, dict) else json.loads(plan)
+    assert plan["params"]["size"] == "demo"
+    assert {k: plan["params"][k] for k in DEMO} == DEMO  # minutes on a laptop, not the full defaults
+    _wait("a step of the monthly run started", lambda: _pipeline_runs(info, run["dag_run_id"])[0], timeout=300)
+    assert _call("PATCH", dag, {"is_paused": True}, token)[0] == 200
+    assert _call("GET", url, token=token)[1]["state"] == "running"
+    assert _call("PATCH", url, {"state": "failed"}, token)[0] == 200
+    _states_stay(api, token, url, "failed")
+    parents = _wait("MLflow closed", lambda: _closed(info, run["dag_run_id"]), timeout=120)
+    assert [p["info"]["status"] for p in parents] == ["KILLED"]
 
 
 def test_the_stack_listens_on_loopback_only(stack):

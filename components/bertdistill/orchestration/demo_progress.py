@@ -29,9 +29,12 @@ POLL = 5.0  # seconds between heartbeat checks while the command is silent
 START = re.compile(r"\[DAG TEST\] starting task_id=(\w+) map_index=(-?\d+)")
 END = re.compile(r"\[DAG TEST\] end task task_id=(\w+) map_index=(-?\d+)")
 STATE = re.compile(r"Task instance state updated .*new_state=(\w+)")
-# A step's own lines, as LocalStepOperator relays them: "<ts> INFO bertdistill.<module>: <message> [airflow...]"
+# A step's own lines, as LocalStepOperator relays them (Airflow's timestamp only):
+# "<ts> [info     ] INFO bertdistill.<module>: <message> [airflow...]"
 STEP_LOG = re.compile(r"INFO bertdistill\.[\w.]+: (.*?)\s*\[airflow\.task\.operators")
 # A step's one-line result (printed to stdout by the CLI) and failures
+# check_dump's reason to stop the run: the dump was already distilled (what the run's note in Airflow says)
+NOTHING_TO_DO = re.compile(r"\] (\S+ \d{8} was already distilled and published .*?)\s*\[bertdistill\.orchestration")
 STEP_RESULT = re.compile(r"\[info\s*\] ([a-z-]+: .*?->.*?)\s*\[airflow\.task\.operators")
 
 
@@ -56,6 +59,7 @@ class ProgressView:
     state: str = ""
     last_shown: float = 0.0
     last_progress: float = -1e9
+    nothing_to_do: str = ""
 
     def __post_init__(self) -> None:
         self.started = self.last_shown = self.now()
@@ -75,6 +79,8 @@ class ProgressView:
         elif m := STATE.search(text):
             if m.group(1) != "running":
                 self.state = m.group(1)
+        elif m := NOTHING_TO_DO.search(text):
+            self.nothing_to_do = m.group(1)
         elif m := STEP_RESULT.search(text):
             self._emit(f"  {m.group(1)}")
         elif (m := STEP_LOG.search(text)) and self.now() - self.last_progress >= PROGRESS_EVERY:
@@ -118,6 +124,8 @@ def run(command: list[str], log: Path, show: Callable[[str], None] = print) -> i
         tail = log.read_text(errors="replace").splitlines()[-40:]
         show("\n".join(tail))
         show(f"the DAG run failed (exit {code}); full log in {log}")
+    elif view.nothing_to_do:
+        show(f"[{_clock(view.now() - view.started)}] nothing to do: {view.nothing_to_do}")
     else:
         show(f"[{_clock(view.now() - view.started)}] DAG run finished; full log in {log}")
     return code

@@ -51,6 +51,8 @@ def environment(home: Path, data: Path, airflow_port: int, mlflow_port: int, ext
     base = f"http://{HOST}:{airflow_port}"
     repo = Path(__file__).resolve().parents[3]
     return {
+        # unpausing the monthly DAG on a laptop starts a run of minutes (make demo's sizes), not hours
+        "BERTDISTILL_MONTHLY_PARAMS": json.dumps({"size": "demo"}),
         **os.environ,
         "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",

@@ -61,9 +61,29 @@ class RunParams:
     ranks: int = 1
     control: bool = True
     force: bool = False
+    size: str = "full"
 
 
 DEFAULTS: dict[str, Any] = dataclasses.asdict(RunParams())
+
+# `size: demo`: what `make demo` runs, about 15 minutes on 2 CPU cores with MiniLM (one dump file,
+# 4 + 1 shards of 64-token examples, a 300-step head fit, 200 training steps of a 3-layer student
+# and its control). The form offers it, and `make up` gives it to the monthly DAG, so a first
+# try on a laptop costs minutes, not the hours of the full defaults.
+DEMO: dict[str, Any] = {"max_dump_files": 1, "train_shards": 4, "heldout_shards": 1, "max_seq_length": 64,
+                        "max_predictions_per_seq": 10, "dupe_factor": 1, "adapt_steps": 300,
+                        "adapt_learning_rate": 0.001, "train_steps": 200}
+SIZES: dict[str, dict[str, Any]] = {"full": {}, "demo": DEMO}
+
+
+def sized_values(params: dict[str, Any]) -> dict[str, Any]:
+    """The form's values with its size applied: a preset fills every size field left at its default
+    (the form always sends every field), so a field the person changed keeps that change."""
+    values = {k: v for k, v in params.items() if v is not None}
+    size = values.get("size", DEFAULTS["size"])
+    if size not in SIZES:
+        raise ValueError(f"size = {size!r}: use one of {', '.join(SIZES)}")
+    return values | {k: v for k, v in SIZES[size].items() if values.get(k, DEFAULTS[k]) == DEFAULTS[k]}
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,7 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown params {', '.join(unknown)}; the form has {', '.join(DEFAULTS)}")
-    p = RunParams(**{k: v for k, v in params.items() if v is not None})
+    p = RunParams(**sized_values(params))
     shards = p.train_shards + p.heldout_shards
     if shards > max_map_length:
         raise ValueError(f"train_shards + heldout_shards = {shards}: make_examples and label_teacher would each "
@@ -165,7 +185,9 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
     wanted = sized(p, dump_bytes, int(settings.shard_target_mb))
     if wanted.train_shards != p.train_shards:
         try:
-            p = full_params(dataclasses.asdict(wanted), max_map_length)
+            # the sizes are final here: checked again, with no preset to apply twice
+            p = dataclasses.replace(full_params(dataclasses.asdict(wanted) | {"size": "full"}, max_map_length),
+                                    size=p.size)
         except ValueError as exc:
             raise ValueError(f"{exc} (a dump of {dump_bytes / 1e9:.1f} GB needs {wanted.train_shards} train "
                              f"shards to stay under {settings.shard_target_mb} MB of examples per shard: raise "

@@ -21,6 +21,8 @@ from bertdistill.orchestration.settings import Settings
 
 log = logging.getLogger(__name__)
 
+NOTHING_TO_DO = "nothing_to_do"  # check_dump's XCom key: why the run stops there (the listener notes it)
+
 
 def _manifest(folder_uri: str, name: str = FOLDER_MANIFEST) -> Manifest | None:
     from bertdistill.store import open_folder
@@ -42,8 +44,9 @@ def tracking_env(settings: Settings) -> None:
 
 
 def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: datetime | None = None
-               ) -> Plan | None:
-    """The plan, or None when this dump was already distilled with these settings (and force is off).
+               ) -> tuple[Plan, str | None]:
+    """The plan, and why there is nothing to do when this dump was already distilled with these
+    settings (and force is off): the run stops there, and its note in Airflow's grid says so.
 
     `as_of` is the run's own time (Airflow's run_after, kept when the run is cleared): "latest"
     means the newest dump finished by then, so a rerun redoes the same dump. It is also what
@@ -63,11 +66,13 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: 
     folder, _, name = plan.published.rpartition("/")
     published = _manifest(folder, name)
     if published and not p.force:
-        log.info("%s %s was already distilled and published (%s, model version %s): nothing to do",
-                 p.wiki, date, plan.student, published.summary.get("model_version"))
-        return None
+        reason = (f"{p.wiki} {date} was already distilled and published with these settings, as "
+                  f"{plan.model_name} version {published.summary.get('model_version', '?')}; "
+                  "set force to distil it again")
+        log.info("%s", reason)
+        return plan, reason
     log.info("plan: %s %s -> %s", p.wiki, date, plan.run)
-    return plan
+    return plan, None
 
 
 def max_map_length() -> int:
@@ -93,7 +98,8 @@ def prepare(plan: Plan | dict, run_id: str, dag_id: str = "bert_distillation", r
     settings = settings or Settings.load()
     tracking_env(settings)
     tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.run_type": run_type,
-            "bertdistill.run": plan.run, "bertdistill.student": plan.student}
+            "bertdistill.run": plan.run, "bertdistill.student": plan.student,
+            "bertdistill.teacher": plan.teacher_source}
     if settings.airflow_url:
         tags["airflow.url"] = f"{settings.airflow_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
     parent = tracking.start_pipeline(run_name(plan, run_type, datetime.now(UTC)),
@@ -156,21 +162,3 @@ def labelled_shards(plan: Plan | dict, teacher: str) -> list[list[str]]:
 def trainings(plan: Plan | dict, teacher: str) -> list[list[str]]:
     """The student's distill and its no-teacher control's (unless the form turned it off)."""
     return planning.distill_args(as_plan(plan), teacher)
-
-
-def close_tracking(parent_run_id: str | None, states: dict[str, str | None],
-                   settings: Settings | None = None) -> str | None:
-    """Close the pipeline's MLflow run from its tasks' states: FAILED if any failed, else FINISHED.
-
-    Step runs still open (a step killed before it could close its own) are closed KILLED.
-    Returns the status set, None when there was no run to close.
-    """
-    from bertdistill import tracking
-
-    if not parent_run_id:
-        return None
-    tracking_env(settings or Settings.load())
-    failed = sorted(task for task, state in states.items() if state in ("failed", "upstream_failed"))
-    status = "FAILED" if failed else "FINISHED"
-    tracking.end_pipeline(parent_run_id, status, **({"failed_tasks": ", ".join(failed)} if failed else {}))
-    return status
