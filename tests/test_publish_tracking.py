@@ -154,7 +154,8 @@ def first_publish(store, report, tiny_student):
                    env=env, check=True)
 
 
-def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student, first_publish):
+def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, tiny_student, first_publish,
+                                                                 monkeypatch):
     env, _ = store
     assert "is the new champion" in first_publish.stdout
     client = _client(env)
@@ -165,7 +166,7 @@ def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, 
 
     import tensorflow as tf
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # not set_tracking_uri: it would stay
     assert "held-out masked-LM top-1" in champion.description
     loaded = mlflow.tensorflow.load_model(f"runs:/{champion.run_id}/model")  # the SavedModel beside it
     serve = loaded.signatures["serving_default"]

@@ -46,16 +46,14 @@ def client(tmp_path_factory):
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join([*SPECIAL_TOKENS, *WORDS]) + "\n")
     _tiny_savedmodel(root / "savedmodel", len(SPECIAL_TOKENS) + len(WORDS))
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
+    # the store through the environment, undone after: mlflow.set_tracking_uri would pin it for every later test
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         # artifacts under the test's folder (the sqlite store's default experiment would use ./mlruns)
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             info = log_fill_mask(str(root / "savedmodel"), str(vocab), "tiny-fill-mask", tf.__version__)
         model = mlflow.pyfunc.load_model(info.model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "true")  # init sets it; undone after the module
         with TestClient(scoring_server.init(model)) as test_client:
