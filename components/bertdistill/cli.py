@@ -80,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     fields = params_cls.__dataclass_fields__
     params = params_cls(**{k: v for k, v in vars(args).items() if k in fields})
     output = getattr(params, "output", None)
+    # A stop (SIGTERM) closes the step's MLflow run KILLED; one that comes while the run is being opened
+    # waits until its id is known, so no stop leaves a run RUNNING.
+    stop = _StopOnSigterm(deferred=True)
+    signal.signal(signal.SIGTERM, stop)
     try:
         run_id = tracking.open_step(args.step, output)
     except Exception as exc:  # the step runs anyway; its run is made at the end, as a retry would
         print(f"warning: {args.step}: could not open its MLflow run: {exc}", file=sys.stderr)
         run_id = None
-    signal.signal(signal.SIGTERM, _stop)
     try:
+        stop.now()
         manifest = module.run(params)
     except StepError as exc:
         print(f"error: {args.step}: {exc}", file=sys.stderr)
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         tracking.log_step(args.step, manifest, output, run_id)
+    except Stopped:  # the work is committed; a rerun skips it and logs again
+        _close_quietly(args.step, run_id, "KILLED", "stopped while logging its results")
+        raise
     except Exception as exc:  # the work is committed; a rerun (a retry) skips it and logs again
         _close_quietly(args.step, run_id, "FAILED", f"logging failed: {exc}")
         print(f"error: {args.step}: finished, but logging to MLflow failed: {tracking.registry_error(exc, 'logging')}",
@@ -112,8 +119,23 @@ class Stopped(SystemExit):
     """SIGTERM: Airflow killing the task, Kubernetes deleting the pod."""
 
 
-def _stop(signum, frame) -> None:
-    raise Stopped(128 + signum)
+class _StopOnSigterm:
+    """SIGTERM's handler: raises Stopped, or while `deferred` remembers the signal until `now()`."""
+
+    def __init__(self, deferred: bool = False):
+        self.deferred, self.pending = deferred, 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.deferred:
+            self.pending = signum
+        else:
+            raise Stopped(128 + signum)
+
+    def now(self) -> None:
+        """Stop deferring: a SIGTERM that came meanwhile raises here."""
+        self.deferred = False
+        if self.pending:
+            raise Stopped(128 + self.pending)
 
 
 def _close_quietly(step: str, run_id: str | None, status: str, error: str) -> None:
