@@ -12,6 +12,7 @@ is a generated password kept in the Airflow home.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -104,20 +105,24 @@ def up(home: Path, data: Path, airflow_port: int = 8080, mlflow_port: int = 5000
             "password": _secrets(home)["password"]}
 
 
-def down(home: Path) -> list[str]:
-    stopped = []
-    for pid_file in sorted((home / "pids").glob("*.pid")) if (home / "pids").exists() else []:
-        pid = int(pid_file.read_text())
-        if _alive(pid):
+def down(home: Path, grace: float = 20) -> list[str]:
+    """Stop exactly the stack's processes: SIGTERM to every group at once, then SIGKILL to those still
+    alive after `grace` seconds (one shared wait, not one per component)."""
+    pid_files = sorted((home / "pids").glob("*.pid")) if (home / "pids").exists() else []
+    running = {f.stem: int(f.read_text()) for f in pid_files if _alive(int(f.read_text()))}
+    for pid in running.values():
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _alive(pid):
+    deadline = time.monotonic() + grace
+    while any(_alive(pid) for pid in running.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in running.values():
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            stopped.append(pid_file.stem)
-        pid_file.unlink()
-    return stopped
+    for f in pid_files:
+        f.unlink()
+    return sorted(running)
 
 
 def _alive(pid: int) -> bool:
