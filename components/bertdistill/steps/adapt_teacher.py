@@ -28,6 +28,7 @@ from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
+from bertdistill.warmup import warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ class AdaptTeacherParams:
     force: bool = False
 
     def warmup(self) -> int:
-        """The warm-up length in steps: a fraction of --steps by default, since a fixed count (it was
-        30) fits one run length only and a run no longer than it never decays."""
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        return min(round(self.warmup_fraction * self.steps), self.steps - 1)
+        """The warm-up length in steps (warmup.py: a fraction of --steps unless --warmup-steps is given)."""
+        return warmup_length(self.steps, self.warmup_steps, self.warmup_fraction)
 
 
 def _shards(examples: str, split: str) -> tuple[list[str], dict]:
@@ -71,11 +69,7 @@ def _shards(examples: str, split: str) -> tuple[list[str], dict]:
 def run(params: AdaptTeacherParams) -> Manifest:
     if params.steps < 1 or params.batch_size < 1:
         raise StepError("--steps and --batch-size must be at least 1")
-    if not 0 <= params.warmup_fraction < 1:
-        raise StepError(f"--warmup-fraction must be at least 0 and below 1, got {params.warmup_fraction}")
-    if params.warmup() >= params.steps:
-        raise StepError(f"a warm-up of {params.warmup()} steps leaves no step of the {params.steps} to decay in: "
-                        "give fewer --warmup-steps, or none to use --warmup-fraction")
+    params.warmup()  # refuses a warm-up that leaves no step to decay in
     train, info = _shards(params.examples, "train")
     heldout, _ = _shards(params.examples, "heldout")
     fingerprint = {k: v for k, v in params.__dict__.items()

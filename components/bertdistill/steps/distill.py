@@ -38,6 +38,7 @@ from bertdistill.progress import Progress
 from bertdistill.records import TOP_K
 from bertdistill.store import Folder, open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
+from bertdistill.warmup import warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,11 @@ class DistillParams:
             raise StepError(f"--lr-scaling must be 'none' or 'linear', got {self.lr_scaling!r}")
         if self.temperature <= 0:
             raise StepError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise StepError(f"--warmup-fraction must be at least 0 and below 1, got {self.warmup_fraction}")
-        if self.warmup() >= self.steps:
-            raise StepError(f"a warm-up of {self.warmup()} steps leaves no step of the {self.steps} to decay in: "
-                            "give fewer --warmup-steps, or none to use --warmup-fraction")
+        self.warmup()  # refuses a warm-up that leaves no step to decay in
 
     def warmup(self) -> int:
-        """The warm-up length in steps. A fraction of --steps by default, because a fixed count fits
-        one run length only: the former 30 were a tenth of a 300-step trial but the whole of a
-        30-step one, which then never reached its peak learning rate nor decayed."""
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        return min(round(self.warmup_fraction * self.steps), self.steps - 1)
+        """The warm-up length in steps (warmup.py: a fraction of --steps unless --warmup-steps is given)."""
+        return warmup_length(self.steps, self.warmup_steps, self.warmup_fraction)
 
 
 def _label_shards(params: DistillParams, vocab_sha256: str) -> tuple[list[str], dict]:
