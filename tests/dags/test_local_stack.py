@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 
 import pytest
 
@@ -134,6 +136,14 @@ def _states_stay(api: str, token: str, url: str, expected: str, seconds: float =
         time.sleep(2)
 
 
+def _reported(api: str, token: str, dag_run_id: str, map_index: int) -> bool:
+    """Whether make_examples[map_index]'s own runner reported success (Airflow's audit log): a shard that
+    finished before the click reached the scheduler keeps its success."""
+    query = urllib.parse.urlencode({"dag_id": "bert_distillation", "run_id": dag_run_id, "task_id": "make_examples",
+                                    "map_index": map_index, "event": "success"})
+    return _call("GET", f"{api}/api/v2/eventLogs?{query}", token=token)[1]["total_entries"] > 0
+
+
 def test_a_run_marked_failed_mid_step_ends_failed_in_airflow_and_closed_in_mlflow(stack):
     """While make-examples runs, one shard done and another in progress, a person marks the run failed
     through the REST API (what the UI's button calls): Airflow shows the run failed and keeps it so, the
@@ -147,13 +157,19 @@ def test_a_run_marked_failed_mid_step_ends_failed_in_airflow_and_closed_in_mlflo
     assert status == 200, run
     url = f"{api}/api/v2/dags/bert_distillation/dagRuns/{run['dag_run_id']}"
 
-    def one_done_one_running() -> dict | None:
+    def one_done_one_early() -> dict | None:
+        """One shard done and another running with more than half of a shard's time still ahead of it,
+        so the click lands while it runs (a shard that had just begun to end made CI's run flaky)."""
         mapped = _call("GET", f"{url}/taskInstances/make_examples/listMapped", token=token)[1]
-        states = {ti["map_index"]: ti["state"] for ti in mapped.get("task_instances", [])}
-        assert "failed" not in states.values(), states
-        return states if "success" in states.values() and "running" in states.values() else None
+        tis = mapped.get("task_instances", [])
+        assert "failed" not in {ti["state"] for ti in tis}, tis
+        took = [ti["duration"] for ti in tis if ti["state"] == "success" and ti["duration"]]
+        now = datetime.now(UTC)
+        early = [ti for ti in tis if ti["state"] == "running" and ti["start_date"] and took and
+                 (now - datetime.fromisoformat(ti["start_date"])).total_seconds() < min(took) / 2]
+        return {ti["map_index"]: ti["state"] for ti in tis} if early else None
 
-    before = _wait("a make-examples shard done while another runs", one_done_one_running, every=0.3)
+    before = _wait("a make-examples shard done while another has just begun", one_done_one_early, every=0.3)
     assert _call("PATCH", url, {"state": "failed"}, token)[0] == 200
     _states_stay(api, token, url, "failed")
     after = {ti["map_index"]: ti["state"] for ti in
@@ -162,7 +178,9 @@ def test_a_run_marked_failed_mid_step_ends_failed_in_airflow_and_closed_in_mlflo
         if state == "success":
             assert after[index] == "success", (before, after)
         if state == "running":
-            assert after[index] == "failed", (before, after)
+            assert after[index] == ("success" if _reported(api, token, run["dag_run_id"], index) else "failed"), (
+                before, after)
+    assert "failed" in after.values(), (before, after)
     assert "publish" not in {ti["task_id"] for ti in _call("GET", f"{url}/taskInstances", token=token)[1][
         "task_instances"] if ti["state"] == "success"}
     parents = _wait("MLflow closed", lambda: _closed(info, run["dag_run_id"]), timeout=120)
