@@ -70,11 +70,11 @@ def test_the_pipeline_publishes_and_nobody_else_moves_the_champion(server, tiny_
                                                                    tmp_path):
     env = {"MLFLOW_TRACKING_URI": server, "MLFLOW_TRACKING_USERNAME": PIPELINE[0],
            "MLFLOW_TRACKING_PASSWORD": PIPELINE[1], "MLFLOW_EXPERIMENT_NAME": "bertdistill"}
-    # publish writes savedmodel/ into the student folder: a copy, so other tests keep theirs
+    # publish writes published/ into the student folder: a copy, so other tests keep theirs
     import shutil
 
     student, report = tmp_path / "student", tmp_path / "report"
-    shutil.copytree(tiny_student, student, ignore=shutil.ignore_patterns("savedmodel"))
+    shutil.copytree(tiny_student, student, ignore=shutil.ignore_patterns("published"))
     run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(student), "--heldout",
             str(labelled.parent), "--output", str(report), "--max-examples", "128", "--latency-batch", "2",
             env=env, check=True)

@@ -128,7 +128,7 @@ def test_a_gpu_step_may_wait_hours_to_be_scheduled_and_minutes_to_start():
 
 def test_check_dump_plans_the_newest_dump_and_stops_when_it_was_published(sample, tmp_path):
     """The daily check: a plan for the sample's dump; once that dump's student is published (its
-    savedmodel manifest), nothing to do; more ranks than shards refused before any step."""
+    published manifest), nothing to do; more ranks than shards refused before any step."""
     from bertdistill.orchestration import tasks
 
     settings = Settings(store=str(tmp_path / "store"), mirror=str(sample / "mirror"), teacher=str(sample / "minilm"))

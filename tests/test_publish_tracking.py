@@ -175,14 +175,15 @@ def test_publish_registers_a_servable_model_and_crowns_the_first(store, report, 
     assert out["mlm_logits"].shape == (1, 5, 30522)
     assert out["nsp_logits"].shape == (1, 2) and out["pooled_output"].shape == (1, 384)
     # The same SavedModel sits in the store beside the student, and answers the same.
-    local = tf.saved_model.load(str(tiny_student / "savedmodel")).signatures["serving_default"]
+    local = tf.saved_model.load(str(tiny_student / "published" / "savedmodel")).signatures["serving_default"]
     again = local(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=tf.zeros_like(ids))
     np.testing.assert_allclose(again["mlm_logits"].numpy(), out["mlm_logits"].numpy(), atol=1e-5)
 
 
 def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publish):
     """`mlflow models serve` of models:/NAME@champion, on 127.0.0.1, answers a fill-mask request with the
-    same words and probabilities as the SavedModel computes for the same pieces."""
+    same words and probabilities as the ONNX export it serves (published beside the student) computes
+    for the same pieces."""
     import os
     import subprocess
     import sys
@@ -226,20 +227,100 @@ def test_the_champion_fills_in_masks_over_http(store, tiny_student, first_publis
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
     assert answer["text"] == text and len(answer["masks"]) == 2 and all(len(m) == 3 for m in answer["masks"])
-    # The same pieces through the SavedModel in the store give the same words and probabilities.
+    # The same pieces through the ONNX file the version serves give the same words and probabilities.
+    from bertdistill import onnx_model
+
     vocab = Vocab(tiny_student / "export" / "vocab.txt")
     pieces = wordpiece_tokenizer(vocab)
     ids = [vocab.cls_id, *pieces.encode("paris is the capital of", add_special_tokens=False).ids, vocab.mask_id,
            *pieces.encode(" and its largest", add_special_tokens=False).ids, vocab.mask_id,
            *pieces.encode(".", add_special_tokens=False).ids, vocab.sep_id]
-    batch = tf.constant([ids], tf.int32)
-    saved = tf.saved_model.load(str(tiny_student / "savedmodel")).signatures["serving_default"]
-    probs = tf.nn.softmax(saved(input_ids=batch, input_mask=tf.ones_like(batch),
-                                segment_ids=tf.zeros_like(batch))["mlm_logits"][0]).numpy()
-    for mask, position in zip(answer["masks"], [i for i, t in enumerate(ids) if t == vocab.mask_id], strict=True):
-        best = np.argsort(-probs[position])[:3]
+    served = _client(env).get_model_version_by_alias(MODEL, "champion").tags["serving"].split()[1]
+    name = {"fp32": onnx_model.FP32, "int8": onnx_model.INT8}[served]
+    session = onnx_model.session(tiny_student / "published" / "onnx" / name)
+    batch = np.array([ids])
+    positions = [i for i, t in enumerate(ids) if t == vocab.mask_id]
+    logits = session.run(["mlm_logits"], onnx_model.feeds(batch, np.ones_like(batch), np.zeros_like(batch),
+                                                          np.array([positions])))[0][0]
+    probs = tf.nn.softmax(logits).numpy()
+    for mask, row in zip(answer["masks"], probs, strict=True):
+        best = np.argsort(-row)[:3]
         assert [w["token"] for w in mask] == [vocab.tokens[j] for j in best]
-        assert [w["probability"] for w in mask] == pytest.approx(probs[position][best].tolist(), abs=1e-5)
+        assert [w["probability"] for w in mask] == pytest.approx(row[best].tolist(), abs=1e-5)
+
+
+def test_the_published_folder_loads_in_transformers_with_the_students_logits(store, report, labelled,
+                                                                            tiny_student, first_publish):
+    """The Hugging Face folder publish wrote: transformers loads it with no key missing or unexpected,
+    its masked-LM and next-sentence logits on real held-out examples are the student's within 1e-4,
+    and pipeline("fill-mask") gives the registered model's top 5 on make demo's probes (the pyfunc
+    asked in fp32, the precision transformers computes in)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import pandas as pd
+
+    from bertdistill.bert.checkpoints import load_teacher
+    from bertdistill.bert.model import Bert
+    from bertdistill.orchestration.summary import PROBES
+    from bertdistill.shards import open_labels
+    from bertdistill.tfdata import labelled_dataset
+
+    env, _ = store
+    folder = tiny_student / "published" / "huggingface"
+    assert (folder / "README.md").read_text().startswith("---\nlicense: cc-by-sa-4.0\n")
+    hf, loading = transformers.BertForPreTraining.from_pretrained(str(folder), output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    config, weights, vocab = load_teacher(tiny_student / "export", "export")
+    student = Bert(config)
+    student.assign(weights)
+    info = open_labels(str(labelled), vocab.sha256, 10)
+    batch = next(iter(labelled_dataset([str(labelled)], info["max_seq_length"], info["max_predictions_per_seq"],
+                                       10, 32)))
+    sequence = student.encode(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    ours_mlm = student.mlm_logits(sequence, batch["masked_lm_positions"]).numpy()
+    with torch.no_grad():
+        out = hf.eval()(input_ids=torch.tensor(batch["input_ids"].numpy(), dtype=torch.long),
+                        attention_mask=torch.tensor(batch["input_mask"].numpy(), dtype=torch.long),
+                        token_type_ids=torch.tensor(batch["segment_ids"].numpy(), dtype=torch.long))
+    theirs_mlm = np.take_along_axis(out.prediction_logits.numpy(), batch["masked_lm_positions"].numpy()[..., None],
+                                    axis=1)
+    real = batch["masked_lm_weights"].numpy() > 0
+    assert real.sum() > 100
+    assert np.abs(ours_mlm - theirs_mlm)[real].max() < 1e-4
+    assert np.abs(student.nsp_logits(sequence).numpy() - out.seq_relationship_logits.numpy()).max() < 1e-4
+
+    fill = transformers.pipeline("fill-mask", model=str(folder), top_k=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion", model_config={"precision": "fp32"})
+    answers = served.predict(pd.DataFrame({"text": list(PROBES)}), params={"top_k": 5})
+    for probe, answer in zip(PROBES, answers, strict=True):
+        assert [w["token"] for w in answer["masks"][0]] == [c["token_str"] for c in fill(probe)], probe
+
+
+def test_the_registry_version_carries_every_form_and_how_it_measured(store, report, first_publish):
+    """The registered version holds the Hugging Face folder and both ONNX files, tagged with their sizes,
+    the fp32 export's parity with TensorFlow and int8's held-out accuracy; it serves the precision the
+    report chose and says so."""
+    env, _ = store
+    client = _client(env)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    onnx = json.loads((report / "report.json").read_text())["onnx"]
+    assert float(version.tags["onnx_fp32_max_abs_logit_diff"]) < 1e-4
+    assert float(version.tags["onnx_int8_mlm_accuracy"]) == pytest.approx(onnx["int8"]["mlm_accuracy"])
+    assert version.tags["serving"] == f"onnx {onnx['serves']}"
+    assert int(version.tags["onnx_int8_bytes"]) < int(version.tags["onnx_fp32_bytes"]) / 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version.version}")
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")
+    from pathlib import Path
+
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+    for name in ("artifacts/model.onnx", "artifacts/model.int8.onnx", "artifacts/huggingface/config.json",
+                 "artifacts/huggingface/model.safetensors", "artifacts/huggingface/README.md"):
+        assert name in files, sorted(files)
+    assert served.metadata.metadata["serving"] == f"onnx {onnx['serves']}"
 
 
 def test_champion_moves_only_when_the_new_version_is_better(store, report, tiny_student, first_publish):
@@ -266,7 +347,7 @@ def test_publish_refuses_a_report_about_another_student(store, tmp_path, report,
     assert proc.returncode == 2
     [line] = error_lines(proc)
     assert "evaluated" in line and str(tiny_student) in line and "evaluate this student" in line
-    assert not (other / "savedmodel").exists()
+    assert not (other / "published").exists()
     _, failed = _children(env, "publish")
     assert any(r.info.status == "FAILED" and "evaluated" in r.data.tags["bertdistill.error"] for r in failed)
 

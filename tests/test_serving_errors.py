@@ -1,7 +1,7 @@
 """The fill-mask pyfunc behind MLflow's own scoring server: a bad request is a 400 that says what to fix.
 
 The model is the real one publish logs (serving.log_fill_mask, into a sqlite store), around a tiny
-SavedModel with the student's signature, and it is served by the app `mlflow models serve` runs
+BERT's ONNX exports, and it is served by the app `mlflow models serve` runs
 (mlflow.pyfunc.scoring_server.init), in process: the refusal's body is what a caller reads.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bertdistill.tokenization import SPECIAL_TOKENS
@@ -20,18 +21,20 @@ pytest.importorskip("httpx")  # fastapi's TestClient
 WORDS = ["the", "capital", "of", "paris", "is", "france", "word", "##s", "."]
 
 
-def _tiny_savedmodel(folder, vocab_size: int) -> None:
-    """The student's serving signature (input_ids, input_mask, segment_ids -> mlm_logits), answering each
-    piece with itself: enough to serve, nothing to train."""
+def _tiny_onnx(folder, vocab_size: int) -> None:
+    """A one-layer BERT of random weights as the student's ONNX exports (fp32 and int8): enough to
+    serve, nothing to train."""
+    from bertdistill import onnx_model
+    from bertdistill.bert.config import BertConfig
+    from bertdistill.bert.model import initial_value, variable_shapes
 
-    class Echo(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=name)
-                                      for name in ("input_ids", "input_mask", "segment_ids")])
-        def serve(self, input_ids, input_mask, segment_ids):
-            return {"mlm_logits": 5.0 * tf.one_hot(input_ids, vocab_size)}
-
-    module = Echo()
-    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    config = BertConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16)
+    rng = np.random.default_rng(0)
+    weights = {n: initial_value(n, shape, config, rng) for n, shape in variable_shapes(config).items()}
+    folder.mkdir()
+    onnx_model.save(onnx_model.build(config, weights), folder / onnx_model.FP32)
+    onnx_model.quantize(folder / onnx_model.FP32, folder / onnx_model.INT8)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +48,15 @@ def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join([*SPECIAL_TOKENS, *WORDS]) + "\n")
-    _tiny_savedmodel(root / "savedmodel", len(SPECIAL_TOKENS) + len(WORDS))
+    _tiny_onnx(root / "onnx", len(SPECIAL_TOKENS) + len(WORDS))
+    (root / "huggingface").mkdir()
     # the store through the environment, undone after: mlflow.set_tracking_uri would pin it for every later test
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         # artifacts under the test's folder (the sqlite store's default experiment would use ./mlruns)
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = log_fill_mask(str(root / "savedmodel"), str(vocab), "tiny-fill-mask", tf.__version__)
+            info = log_fill_mask(root, vocab, "tiny-fill-mask", {"serves": "int8", "int8_minus_fp32_points": 0.0})
         model = mlflow.pyfunc.load_model(info.model_uri)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "true")  # init sets it; undone after the module

@@ -7,12 +7,18 @@ this package's tokenizer) and registers it, so
 
 answers `POST /invocations {"inputs": {"text": ["paris is the capital of [MASK]."]}, "params": {"top_k": 5}}`
 with, per text, per [MASK], the top words and their probabilities. Why a pyfunc: the
-SavedModel alone takes token ids, which a caller cannot make without this tokenizer.
+exported models take token ids, which a caller cannot make without this tokenizer.
+
+It runs the student's ONNX export under ONNX Runtime (no TensorFlow in the serving environment),
+int8 or fp32 as evaluate's report chose, and computes the masked-LM head at the [MASK] positions
+only. The model's artifacts also carry the other precision and the Hugging Face folder, so a
+registry version holds every form the student is published in.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -42,23 +48,19 @@ class BadRequest(MlflowException):
         return json.dumps({**json.loads(super().serialize_as_json()), "message": self.reason})
 
 
-def is_uncased(tokens: list[str]) -> bool:
-    """An uncased vocab (bert-base-uncased, MiniLM) has no upper-case pieces besides [SPECIAL] ones."""
-    return not any(t != t.lower() for t in tokens if not (t.startswith("[") and t.endswith("]")))
-
-
 class FillMask(mlflow.pyfunc.PythonModel):
     """Text with one or more [MASK] -> the top_k words for each mask, most probable first."""
 
     def load_context(self, context) -> None:
-        import tensorflow as tf
+        from bertdistill.onnx_model import session
+        from bertdistill.tokenization import Vocab, is_uncased, wordpiece_tokenizer
 
-        from bertdistill.tokenization import Vocab, wordpiece_tokenizer
-
+        config = context.model_config or {}
         self.vocab = Vocab(context.artifacts["vocab"])
         self.tokenizer = wordpiece_tokenizer(self.vocab, lowercase=is_uncased(self.vocab.tokens))
-        self.model = tf.saved_model.load(context.artifacts["savedmodel"]).signatures["serving_default"]
-        self.max_length = int((context.model_config or {}).get("max_length", 512))
+        self.precision = config.get("precision", "int8")
+        self.model = session(context.artifacts[f"onnx_{self.precision}"])
+        self.max_length = int(config.get("max_length", 512))
 
     def encode(self, text: str | None, number: int = 1) -> list[int]:
         """[CLS] pieces [SEP], with the mask id wherever the text says [MASK]; `number` (from 1) names
@@ -82,15 +84,17 @@ class FillMask(mlflow.pyfunc.PythonModel):
 
     def fill(self, text: str, top_k: int, ids: list[int] | None = None) -> dict[str, Any]:
         import numpy as np
-        import tensorflow as tf
+
+        from bertdistill.onnx_model import feeds
 
         ids = ids if ids is not None else self.encode(text)
-        batch = tf.constant([ids], tf.int32)
-        logits = self.model(input_ids=batch, input_mask=tf.ones_like(batch),
-                            segment_ids=tf.zeros_like(batch))["mlm_logits"].numpy()[0]
+        batch = np.array([ids])
+        positions = [i for i, t in enumerate(ids) if t == self.vocab.mask_id]
+        logits = self.model.run(["mlm_logits"], feeds(batch, np.ones_like(batch), np.zeros_like(batch),
+                                                      np.array([positions])))[0][0]
         masks = []
-        for position in (i for i, t in enumerate(ids) if t == self.vocab.mask_id):
-            row = logits[position] - logits[position].max()
+        for row in logits:
+            row = row - row.max()
             probs = np.exp(row) / np.exp(row).sum()
             best = np.argsort(-probs)[:top_k]
             masks.append([{"token": self.vocab.tokens[j], "probability": round(float(probs[j]), 6)} for j in best])
@@ -138,24 +142,33 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def log_fill_mask(savedmodel: str, vocab: str, registered_model_name: str, tf_version: str):
-    """Log the fill-mask pyfunc in the active run and register it; returns MLflow's ModelInfo."""
-    from pathlib import Path
+def log_fill_mask(published: Path, vocab: Path, registered_model_name: str, onnx: dict):
+    """Log the fill-mask pyfunc in the active run and register it; returns MLflow's ModelInfo.
 
+    `published` is publish's staging folder (huggingface/, onnx/); `onnx` evaluate's figures on the
+    exports, whose `serves` picks the precision served."""
+    import numpy
+    import onnxruntime
     import tokenizers
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     import bertdistill
+    from bertdistill.onnx_model import FP32, INT8
 
     # `text` is optional to MLflow only so that a request without it reaches predict, which refuses it
     # in words (a required column is refused by MLflow first, echoing the input over several lines).
     signature = ModelSignature(inputs=Schema([ColSpec("string", "text", required=False)]),
                                params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]))
+    onnx_dir = published / "onnx"
     return mlflow.pyfunc.log_model(
-        name="fill_mask", python_model=FillMask(), artifacts={"savedmodel": savedmodel, "vocab": vocab},
+        name="fill_mask", python_model=FillMask(),
+        artifacts={"onnx_fp32": str(onnx_dir / FP32), "onnx_int8": str(onnx_dir / INT8), "vocab": str(vocab),
+                   "huggingface": str(published / "huggingface")},
+        model_config={"precision": onnx["serves"]},
+        metadata={"serving": f"onnx {onnx['serves']}", "onnx_int8_minus_fp32_points": onnx["int8_minus_fp32_points"]},
         code_paths=[str(Path(bertdistill.__file__).parent)], signature=signature,
         input_example={"text": [f"paris is the capital of {MASK}."]},
-        pip_requirements=[f"tensorflow-cpu=={tf_version}", f"tokenizers=={tokenizers.__version__}",
-                          f"mlflow=={mlflow.__version__}", "pandas"],
+        pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"tokenizers=={tokenizers.__version__}",
+                          f"numpy=={numpy.__version__}", f"mlflow=={mlflow.__version__}", "pandas"],
         registered_model_name=registered_model_name, await_registration_for=60)

@@ -65,6 +65,11 @@ def _parse_vocab(raw: bytes, uri: str) -> list[str]:
     return tokens
 
 
+def is_uncased(tokens: list[str]) -> bool:
+    """An uncased vocab (bert-base-uncased, MiniLM) has no upper-case pieces besides [SPECIAL] ones."""
+    return not any(t != t.lower() for t in tokens if not (t.startswith("[") and t.endswith("]")))
+
+
 def wordpiece_tokenizer(vocab: Vocab | list[str], lowercase: bool = True):
     """A `tokenizers.Tokenizer` whose ids equal Google's FullTokenizer(vocab, do_lower_case)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers

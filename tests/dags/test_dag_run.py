@@ -97,7 +97,8 @@ def test_the_dag_runs_end_to_end_and_registers_the_student(local_run):
     assert dump.startswith(str(root / "store" / "dumps" / "enwiki" / "20160101"))
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert int(champion.version) == 1
-    published = list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
+    published = list((root / "store" / "runs" / "enwiki-20160101" / "students").glob(
+        "*/published/savedmodel/saved_model.pb"))
     assert len(published) == 1
 
 
@@ -187,7 +188,7 @@ def test_the_teachers_exact_gelu_survives_every_saved_folder_and_the_savedmodel(
         assert BertConfig.from_json_file(path).hidden_act == "gelu", path
         assert transformers.BertConfig.from_json_file(path).hidden_act == "gelu", path
     [export] = (root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/export")
-    [saved] = (root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel")
+    [saved] = (root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/published/savedmodel")
     rng = np.random.default_rng(3)
     ids = rng.integers(1000, 30000, (2, 12))
     served = tf.saved_model.load(str(saved)).signatures["serving_default"](
@@ -218,9 +219,9 @@ def test_a_run_cut_short_resumes_from_the_finished_steps(local_run):
     env, root, first = local_run
     assert first.returncode == 0
     [student] = (root / "store" / "runs" / "enwiki-20160101" / "students").iterdir()
-    shutil.rmtree(student / "savedmodel")
+    shutil.rmtree(student / "published")
     shutil.rmtree(student / "report")
-    kept = {p: p.read_bytes() for p in (root / "store").rglob("_MANIFEST*.json") if "savedmodel" not in str(p)
+    kept = {p: p.read_bytes() for p in (root / "store").rglob("_MANIFEST*.json") if "published" not in str(p)
             and "report" not in str(p)}
     proc = dags_test(env, TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,7 +229,8 @@ def test_a_run_cut_short_resumes_from_the_finished_steps(local_run):
     for step in ("make-examples", "label-teacher", "distill", "adapt-teacher"):
         assert f"{step}: skipped" in out
     assert all(p.read_bytes() == data for p, data in kept.items())  # finished steps untouched
-    assert (student / "report" / "report.json").exists() and (student / "savedmodel" / "saved_model.pb").exists()
+    assert (student / "report" / "report.json").exists()
+    assert (student / "published" / "savedmodel" / "saved_model.pb").exists()
     client, _ = runs(root / "mlflow.db")
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
@@ -245,7 +247,7 @@ def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaw
     run = "dagrun/runs/enwiki-20160101/"
     assert any(k.startswith(run + "examples/") and k.endswith(".tfrecord") for k in keys)
     assert any(k.startswith(run + "labels/") and k.endswith(".tfrecord") for k in keys)
-    assert any(k.startswith(run + "students/") and k.endswith("savedmodel/saved_model.pb") for k in keys)
+    assert any(k.startswith(run + "students/") and k.endswith("published/savedmodel/saved_model.pb") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("MLmodel") for k in keys)  # MLflow's artifacts too
     assert not (tmp_path / "artifacts").exists()
     client, _all_runs = runs(tmp_path / "mlflow.db")

@@ -136,7 +136,8 @@ def test_the_dag_runs_every_step_as_a_pod_and_distill_as_an_mpijob(cluster, k8s_
     assert sorted(r.name for r in cluster.requests(k.action.DELETE, k.resource(MPIJOBS))) == sorted(
         j["metadata"]["name"] for j in jobs)
     assert "[launcher] distill: 4 steps" in out, out[-8000:]  # the launcher's log, copied into the task log
-    assert list((root / "store" / "runs" / "enwiki-20160101" / "students").glob("*/savedmodel/saved_model.pb"))
+    assert list((root / "store" / "runs" / "enwiki-20160101" / "students").glob(
+        "*/published/savedmodel/saved_model.pb"))
 
 
 def test_every_manifest_sent_validates_strictly(cluster, k8s_run):

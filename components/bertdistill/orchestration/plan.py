@@ -211,7 +211,7 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
                 text=_join(run, "text", corpus_key(p)), examples=examples,
                 teacher_source=teacher_source, model_name=model_name, teacher=teacher, adapted_teacher=adapted,
                 student=student, report=_join(student, "report"),
-                published=_join(student, "savedmodel", FOLDER_MANIFEST))
+                published=_join(student, "published", FOLDER_MANIFEST))
 
 
 def train_labels_per_shard(p: RunParams) -> int:

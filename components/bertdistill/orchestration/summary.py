@@ -81,6 +81,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = json.loads(Path(client.download_artifacts(champion.run_id, "report.json", tmp)).read_text())
     s, t = report["student"], report["teacher"]
+    published = run.data.tags.get("bertdistill.output", "-")
     control = f" vs no-teacher control {report['control']['mlm_accuracy']:.1%}" if "control" in report else ""
     print(f"""
 MLflow store:      {uri}
@@ -90,8 +91,11 @@ registered model:  {model} version {champion.version} (alias champion)
 held-out MLM top-1 student {s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} \
 ({report['student_over_teacher']:.1%} kept); baseline {report['baseline']['mlm_accuracy']:.1%}
 {report.get('verdict', '')}
-student {s['layers']} layers, {s['parameters'] / 1e6:.1f} M parameters; encoder {report['speedup_encoder']:.2f}x faster
-student SavedModel: {run.data.tags.get('bertdistill.output', '-')}
+student {s['layers']} layers, {s['parameters'] / 1e6:.1f} M parameters; encoder {report['speedup_encoder']:.2f}x faster\
+{onnx_line(report)}
+published:         {published}  (huggingface/, onnx/, savedmodel/)
+in transformers:   from transformers import AutoModelForMaskedLM, AutoTokenizer
+                   model = AutoModelForMaskedLM.from_pretrained("{published}/huggingface")
 
 Browse:  make up   then Airflow http://127.0.0.1:8080 and MLflow http://127.0.0.1:5000
    or:   .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri {uri}
@@ -100,6 +104,16 @@ Serve:   PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m "
 """)
     print(answers(uri, model))
     return 0
+
+
+def onnx_line(report: dict) -> str:
+    """The ONNX exports' figures, on a line of their own, when the report has them."""
+    if "onnx" not in report:
+        return ""
+    o = report["onnx"]
+    return (f"\nONNX int8:         top-1 {o['int8']['mlm_accuracy']:.2%} vs fp32 {o['fp32']['mlm_accuracy']:.2%} "
+            f"({o['int8_minus_fp32_points']:+.2f} points), {report['speedup_int8_with_mlm_head']:.2f}x the teacher's "
+            f"speed; served: {o['serves']}")
 
 
 def answers(uri: str, model: str) -> str:

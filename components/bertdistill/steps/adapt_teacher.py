@@ -11,7 +11,8 @@ at 1e-3 (416 s). A 3-layer student started from its layers and trained 200 steps
 it reaches as much, so a teacher is worth distilling only well beyond that.
 
 The result is a new teacher folder; its manifest makes later runs reuse it instead of
-adapting again.
+adapting again. Its huggingface/ subfolder is the same teacher for `transformers`, so the labels
+it made can be reproduced outside the platform.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ def run(params: AdaptTeacherParams) -> Manifest:
     fingerprint = {k: v for k, v in params.__dict__.items()
                    if k not in ("teacher", "examples", "output", "force", "warmup_fraction")}
     fingerprint["warmup_steps"] = params.warmup()  # what shapes the teacher, however it was asked for
-    fingerprint["schema"] = 2
+    fingerprint["schema"] = 3  # 3: with huggingface/
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher, save_teacher
+        from bertdistill.bert.hf_folder import write_hf_folder
+        from bertdistill.model_card import teacher_card
 
         with staged_teacher(params.teacher) as local:
             config, weights, vocab = load_teacher(local, params.teacher, required_heads=())
@@ -89,10 +92,14 @@ def run(params: AdaptTeacherParams) -> Manifest:
             with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
                 staged = train + heldout  # streamed from the store by tfdata.records
                 summary, adapted = _adapt(config, weights, staged[: len(train)], staged[len(train) :], info, params)
-                save_teacher(Path(tmp) / "out", config, adapted, vocab_path)
-                for name in sorted(p.name for p in (Path(tmp) / "out").iterdir()):
-                    with writer.write(name) as pending:
-                        shutil.copyfile(Path(tmp) / "out" / name, pending.path)
+                out = Path(tmp) / "out"
+                save_teacher(out, config, adapted, vocab_path)
+                write_hf_folder(out / "huggingface", config, adapted, vocab,
+                                teacher_card(params.teacher.rstrip("/").rsplit("/", 1)[-1], summary,
+                                             info["max_seq_length"]), info["max_seq_length"])
+                for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                    with writer.write(path.relative_to(out).as_posix()) as pending:
+                        shutil.copyfile(path, pending.path)
         print(f"adapt-teacher: {params.steps} steps ({'heads only' if params.freeze_encoder else 'heads + encoder'}), "
               f"held-out masked-LM top-1 {summary['heldout_mlm_accuracy']:.1%} (before: "
               f"{summary['heldout_mlm_accuracy_before']:.1%}) in {summary['seconds']:.0f} s -> {params.output}")

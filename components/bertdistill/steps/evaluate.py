@@ -14,7 +14,12 @@ The teacher's predictions come from the cached labels (its top-1 is the first ca
 its confidence the first cached probability), so only the students run over the data; the
 models are timed on one batch for latency, encoder alone and with the masked-LM head.
 
-Output: report.json and report.png in the output folder.
+The student is also exported to ONNX (onnx_model.py), fp32 and int8, and both are scored on the
+same held-out positions and timed in the same rounds: the fp32 export must reproduce the student's
+logits within 1e-4, and the int8 one is marked for serving when it loses at most half a point of
+fp32's top-1.
+
+Output: report.json, report.png and onnx/ (model.onnx, model.int8.onnx) in the output folder.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ import numpy as np
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.records import TOP_K
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
 log = logging.getLogger(__name__)
+
+ONNX_TOLERANCE = 1e-4  # largest logit difference an ONNX export may have from the student
+INT8_BOUND_POINTS = 0.5  # int8 is served when its held-out top-1 is at most this far below fp32's
 
 
 @dataclass
@@ -64,7 +73,7 @@ def run(params: EvaluateParams) -> Manifest:
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "student", "heldout", "output",
                                                                         "control", "champion", "force")}
-    fingerprint["schema"] = 3
+    fingerprint["schema"] = 4
     champion = current_champion(params.champion) if params.champion else None
     if champion is not None:  # a new champion since the last report makes it stale
         fingerprint["champion"] = {"model": params.champion, "version": champion["version"]}
@@ -103,31 +112,63 @@ def run(params: EvaluateParams) -> Manifest:
                 log.info("champion %s version %s was trained on another vocab or sequence length: not scored",
                          params.champion, champion["version"])
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
+            onnx_files = export_onnx(*students["student"], Path(tmp) / ONNX)
             paths = [folder.child_uri(n) for n in names]  # streamed from the store by tfdata.records
-            report = evaluate(students, teacher_config, teacher_weights, paths, info, params)
+            report = evaluate(students, teacher_config, teacher_weights, paths, info, params, onnx_files)
             if "champion" in report:
                 report["champion"]["version"] = champion["version"]
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             chart(report, Path(tmp) / "report.png")
             for name in ("report.json", "report.png"):
                 writer.write_bytes(name, (Path(tmp) / name).read_bytes())
+            for path in onnx_files.values():
+                writer.write_bytes(f"{ONNX}/{path.name}", path.read_bytes())
         s, t = report["student"], report["teacher"]
         control = f" vs control {report['control']['mlm_accuracy']:.1%}" if "control" in report else ""
+        o = report["onnx"]
         print(f"evaluate: {report['positions']:,} held-out masked positions; masked-LM top-1 student "
               f"{s['mlm_accuracy']:.1%}{control} vs teacher {t['mlm_accuracy']:.1%} "
               f"({report['student_over_teacher']:.1%} kept; most-frequent-token baseline "
               f"{report['baseline']['mlm_accuracy']:.1%}); encoder {report['speedup_encoder']:.2f}x faster "
-              f"-> {output.uri}\nevaluate: {report['verdict']}")
+              f"-> {output.uri}\nevaluate: ONNX int8 top-1 {o['int8']['mlm_accuracy']:.2%} vs fp32 "
+              f"{o['fp32']['mlm_accuracy']:.2%} ({o['int8_minus_fp32_points']:+.2f} points; serves {o['serves']}); "
+              f"{report['speedup_int8_with_mlm_head']:.2f}x the teacher's speed\nevaluate: {report['verdict']}")
         return report | {"parent_metrics": headline(report), "parent_tags": {"verdict": report["verdict"]}}
 
     return run_step("evaluate", fingerprint, inputs, output, work, force=params.force)
 
 
+def export_onnx(config, weights, folder: Path) -> dict[str, Path]:
+    """The student as ONNX fp32 and int8 (onnx_model.py), in `folder`: precision -> file."""
+    from bertdistill import onnx_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"fp32": folder / onnx_model.FP32, "int8": folder / onnx_model.INT8}
+    onnx_model.save(onnx_model.build(config, weights), files["fp32"])
+    onnx_model.quantize(files["fp32"], files["int8"])
+    return files
+
+
+def onnx_parity(model, session, batch) -> float:
+    """Largest |ONNX fp32 - TensorFlow| masked-LM or next-sentence logit on one held-out batch."""
+    from bertdistill.onnx_model import feeds
+
+    sequence = model.encode(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    mlm = model.mlm_logits(sequence, batch["masked_lm_positions"]).numpy()
+    nsp = model.nsp_logits(sequence).numpy()
+    theirs_mlm, theirs_nsp = session.run(None, feeds(*(batch[k].numpy() for k in (
+        "input_ids", "input_mask", "segment_ids", "masked_lm_positions"))))
+    real = batch["masked_lm_weights"].numpy() > 0
+    return float(max(np.abs(mlm - theirs_mlm)[real].max(), np.abs(nsp - theirs_nsp).max()))
+
+
 def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
-             params: EvaluateParams) -> dict:
-    """students: role ("student", and "control" when given) -> (config, weights)."""
+             params: EvaluateParams, onnx_files: dict[str, Path] | None = None) -> dict:
+    """students: role ("student", and "control" when given) -> (config, weights); onnx_files: the
+    student's ONNX exports (precision -> file), scored and timed beside it."""
     import tensorflow as tf
 
+    from bertdistill import onnx_model
     from bertdistill.bert.model import Bert
     from bertdistill.losses import soft_mlm_loss
     from bertdistill.tfdata import labelled_dataset
@@ -152,6 +193,8 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
         return predict
 
     predictors = {role: predictor(model) for role, model in models.items()}
+    sessions = {precision: onnx_model.session(path) for precision, path in (onnx_files or {}).items()}
+    parity = None
     columns: dict[str, list[np.ndarray]] = {}
     kl_sums = dict.fromkeys(models, 0.0)
     weight_sum = 0.0
@@ -173,6 +216,16 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
             add(f"{role}_confidence", confidence.numpy()[real])
             add(f"{role}_nsp", nsp.numpy())
             kl_sums[role] += float(kl) * real.sum()
+        if sessions:
+            if parity is None:
+                parity = onnx_parity(models["student"], sessions["fp32"], batch)
+                if parity > ONNX_TOLERANCE:
+                    raise StepError(f"the student's ONNX export differs from it by {parity:.2g} in a logit (more "
+                                    f"than {ONNX_TOLERANCE}); not written")
+            feeds = onnx_model.feeds(*(batch[k].numpy() for k in ("input_ids", "input_mask", "segment_ids",
+                                                                  "masked_lm_positions")))
+            for precision, session in sessions.items():
+                add(f"onnx_{precision}_top1", session.run(["mlm_logits"], feeds)[0].argmax(-1)[real])
         weight_sum += real.sum()
         seen += len(real)
         if params.max_examples and seen >= params.max_examples:
@@ -207,13 +260,34 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
             gain, low, high = paired_gain(col["student_top1"] == y, col[f"{role}_top1"] == y)
             report[key] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
     report["max_seq_length"] = L
+    report["latency_batch"] = params.latency_batch
     report["verdict"] = verdict(report)
-    timed = latency({"student": models["student"], "teacher": teacher}, params.latency_batch, L, P)
+    timed = latency({"student": models["student"], "teacher": teacher}, params.latency_batch, L, P, sessions)
     for name, figures in timed.items():
-        report[name].update(figures)
+        report.setdefault(name, {}).update(figures)
     report["speedup_encoder"] = report["teacher"]["latency_encoder_s"] / report["student"]["latency_encoder_s"]
     report["speedup_with_mlm_head"] = report["teacher"]["latency_mlm_s"] / report["student"]["latency_mlm_s"]
+    if sessions:
+        report["onnx"] = onnx_report(report, col, parity, onnx_files)
+        report["speedup_int8_with_mlm_head"] = (report["teacher"]["latency_mlm_s"]
+                                                / report["onnx"]["int8"]["latency_mlm_s"])
     return report
+
+
+def onnx_report(report: dict, col: dict[str, np.ndarray], parity: float, files: dict[str, Path]) -> dict:
+    """The ONNX exports' held-out top-1, size and speed, and which of them the registry should serve:
+    int8 when it loses at most INT8_BOUND_POINTS of fp32's top-1, else fp32."""
+    y = col["labels"]
+    out: dict = {}
+    for precision, path in files.items():
+        top1 = col[f"onnx_{precision}_top1"]
+        out[precision] = {"mlm_accuracy": float((top1 == y).mean()), "bytes": path.stat().st_size,
+                          **report.pop(f"onnx_{precision}")}
+    out["fp32"]["max_abs_logit_diff_vs_tensorflow"] = parity
+    out["int8"]["agreement_with_fp32"] = float((col["onnx_int8_top1"] == col["onnx_fp32_top1"]).mean())
+    out["int8_minus_fp32_points"] = (out["int8"]["mlm_accuracy"] - out["fp32"]["mlm_accuracy"]) * 100
+    out["serves"] = "int8" if out["int8_minus_fp32_points"] >= -INT8_BOUND_POINTS else "fp32"
+    return out
 
 
 def current_champion(model_name: str) -> dict | None:
@@ -300,7 +374,8 @@ def headline(report: dict) -> dict[str, float]:
     return out
 
 
-def latency(models: dict, batch: int, L: int, P: int, repeats: int = 15) -> dict[str, dict]:
+def latency(models: dict, batch: int, L: int, P: int, sessions: dict | None = None,
+            repeats: int = 15) -> dict[str, dict]:
     """Best-of-N seconds per batch of full-length sequences, encoder alone and with the MLM head.
 
     The models take turns, one timing each per round, so a slow spell of a shared machine
@@ -320,15 +395,23 @@ def latency(models: dict, batch: int, L: int, P: int, repeats: int = 15) -> dict
         calls[(name, "latency_encoder_s")] = tf.function(lambda m=model: m.encode(ids, ones, zeros))
         calls[(name, "latency_mlm_s")] = tf.function(
             lambda m=model: m.mlm_logits(m.encode(ids, ones, zeros), positions))
+    calls = {key: (lambda fn=fn: fn().numpy()) for key, fn in calls.items()}
+    if sessions:
+        from bertdistill.onnx_model import feeds
+
+        inputs = feeds(ids.numpy(), ones.numpy(), zeros.numpy(), positions.numpy())
+        for precision, session in sessions.items():
+            calls[(f"onnx_{precision}", "latency_mlm_s")] = lambda s=session: s.run(["mlm_logits"], inputs)
     best = dict.fromkeys(calls, float("inf"))
     for fn in calls.values():
-        fn().numpy()  # trace and warm up
+        fn()  # trace and warm up
     for _ in range(repeats):
         for key, fn in calls.items():
+            time.sleep(0.1)  # the runtime timed before spins its threads a while after a call (bench/serving.py)
             started = time.perf_counter()
-            fn().numpy()
+            fn()
             best[key] = min(best[key], time.perf_counter() - started)
-    out: dict[str, dict] = {name: {} for name in models}
+    out: dict[str, dict] = {name: {} for name, _ in calls}
     for (name, key), seconds in best.items():
         out[name][key] = seconds
     return out

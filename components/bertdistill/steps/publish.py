@@ -1,13 +1,18 @@
-"""publish: the student as a SavedModel, registered in MLflow; `champion` moves only if better.
+"""publish: the student in the formats its users load, registered in MLflow; `champion` moves only if better.
 
-Serving needs neither this package nor its weight format, so the student becomes a
-SavedModel with one signature, `serving_default`: input_ids, input_mask, segment_ids
-(int32 [batch, seq]) -> mlm_logits [batch, seq, vocab], nsp_logits [batch, 2], pooled_output
-[batch, hidden]. It is reloaded and checked against the model it came from before anything
-is written. The SavedModel lands in <student>/savedmodel/, and in MLflow as the `model` of
-this step's run. Beside it the run holds `fill_mask` (serving.py: text with [MASK] in, top
-words out), which is what gets registered under --model-name, so the champion can be served
-over HTTP by `mlflow models serve` as it is. The registry's alias `champion` moves to the
+Users need neither this package nor its weight format, so the student leaves in three forms,
+under <student>/published/:
+- huggingface/: a `transformers` folder (config, safetensors under Hugging Face's names with both
+  heads, tokenizer files) with its model card (model_card.py), for fine-tuning;
+- onnx/: evaluate's ONNX exports, fp32 and int8, for ONNX Runtime;
+- savedmodel/: a SavedModel with one signature, `serving_default`: input_ids, input_mask,
+  segment_ids (int32 [batch, seq]) -> mlm_logits [batch, seq, vocab], nsp_logits [batch, 2],
+  pooled_output [batch, hidden], reloaded and checked against the student before anything is
+  written; in MLflow as the `model` of this step's run.
+What gets registered under --model-name is `fill_mask` (serving.py: text with [MASK] in, top
+words out, through ONNX Runtime: int8 when evaluate found it within half a point of fp32, else
+fp32), holding the Hugging Face folder and both ONNX files as artifacts, so the champion can be
+served over HTTP by `mlflow models serve` as it is. The registry's alias `champion` moves to the
 new version only when its held-out masked-LM accuracy (from evaluate's report, which must be
 about this student) beats the current champion's; a tie keeps the incumbent. The decision and
 the move happen under a lock in the registry (promotion_lock), so runs publishing at once
@@ -28,6 +33,7 @@ from pathlib import Path
 from bertdistill.errors import StepError, TransientError
 from bertdistill.flags import flag
 from bertdistill.manifest import FOLDER_MANIFEST, Manifest, OutputWriter, read_manifest, run_step
+from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import staged_teacher
 
@@ -35,46 +41,51 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 ACCURACY_TAG = "heldout_mlm_accuracy"
-SAVEDMODEL = "savedmodel"
+PUBLISHED, SAVEDMODEL, HUGGINGFACE = "published", "savedmodel", "huggingface"
 LOCK_SUFFIX = "-promotion-lock"
 LOCK_STALE_S = 900.0
 
 
 @dataclass
 class PublishParams:
-    student: str = flag(help="student folder URI (distill's output); writes savedmodel/ there")
+    student: str = flag(help="student folder URI (distill's output); writes published/ there")
     report: str = flag(help="evaluate's output folder URI for this student")
     model_name: str = flag("bertdistill-student", help="registered model name in MLflow")
     force: bool = False
 
     @property
     def output(self) -> str:
-        return open_folder(self.student).child_uri(SAVEDMODEL)
+        return open_folder(self.student).child_uri(PUBLISHED)
 
 
 def run(params: PublishParams) -> Manifest:
     output = open_folder(params.output)
     report = _report_about(params)
-    fingerprint = {"model_name": params.model_name, "schema": 1}
+    fingerprint = {"model_name": params.model_name, "schema": 2}
 
     def work(writer: OutputWriter) -> dict:
         export_uri = open_folder(params.student).child_uri("export")
         with staged_teacher(export_uri) as local, tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             from bertdistill.bert.checkpoints import load_teacher
+            from bertdistill.bert.hf_folder import write_hf_folder
+            from bertdistill.model_card import render
 
             config, weights, vocab = load_teacher(local, export_uri)
-            saved = Path(tmp) / SAVEDMODEL
-            module = export_savedmodel(config, weights, saved)
-            for path in sorted(p for p in saved.rglob("*") if p.is_file()):
-                writer.write_bytes(path.relative_to(saved).as_posix(), path.read_bytes())
-            summary = register(module, config, report, params, saved, vocab)
+            staged = Path(tmp)
+            module = export_savedmodel(config, weights, staged / SAVEDMODEL)
+            card = render(report, params.model_name, pipeline_params(), report["latency_batch"])
+            write_hf_folder(staged / HUGGINGFACE, config, weights, vocab, card, report["max_seq_length"])
+            stage_onnx(params.report, staged / ONNX)
+            for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+                writer.write_bytes(path.relative_to(staged).as_posix(), path.read_bytes())
+            summary = register(module, config, report, params, staged, vocab)
         # the pipeline's run links the version it registered
         summary["parent_tags"] = {"model_version": f"models:/{params.model_name}/{summary['model_version']}",
                                   "champion": str(summary["champion"]).lower()}
         verdict = ("is the new champion" if summary["champion"] else "did not beat the champion") + (
             f" (compared on {summary['champion_basis']})")
         print(f"publish: {params.model_name} version {summary['model_version']} (held-out masked-LM accuracy "
-              f"{summary[ACCURACY_TAG]:.1%}) {verdict}; SavedModel in {output.uri}")
+              f"{summary[ACCURACY_TAG]:.1%}) {verdict}; Hugging Face folder, ONNX and SavedModel in {output.uri}")
         return summary
 
     return run_step("publish", fingerprint, {"student": open_folder(params.student).child_uri("export"),
@@ -176,6 +187,44 @@ def describe(report: dict, client, parent: str | None) -> str:
     return text
 
 
+def pipeline_params() -> dict[str, str]:
+    """The pipeline run's parameters (dump, sizes, steps), for the model card; empty when untracked."""
+    from bertdistill import tracking
+
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if not (parent and tracking.enabled()):
+        return {}
+    return dict(tracking.client().get_run(parent).data.params)
+
+
+def stage_onnx(report_uri: str, folder: Path) -> None:
+    """evaluate's ONNX exports, copied from the report folder into `folder`."""
+    import shutil
+
+    from bertdistill.onnx_model import FP32, INT8
+
+    source = open_folder(report_uri).join(ONNX)
+    folder.mkdir(parents=True)
+    for name in (FP32, INT8):
+        if not source.exists(name):
+            raise StepError(f"{report_uri} has no {ONNX}/{name}: evaluate this student again (evaluate writes its "
+                            "ONNX exports since schema 4)")
+        with source.local_copy(name) as path:
+            shutil.copyfile(path, folder / name)
+
+
+def artifact_tags(onnx: dict, published: Path) -> dict[str, str]:
+    """What a registry version's files are and how they measured, readable in the registry's table."""
+    hf_bytes = sum(p.stat().st_size for p in (published / HUGGINGFACE).iterdir())
+    return {"huggingface_bytes": str(hf_bytes), "onnx_fp32_bytes": str(onnx["fp32"]["bytes"]),
+            "onnx_int8_bytes": str(onnx["int8"]["bytes"]),
+            "onnx_fp32_max_abs_logit_diff": f"{onnx['fp32']['max_abs_logit_diff_vs_tensorflow']:.2e}",
+            "onnx_fp32_mlm_accuracy": repr(onnx["fp32"]["mlm_accuracy"]),
+            "onnx_int8_mlm_accuracy": repr(onnx["int8"]["mlm_accuracy"]),
+            "onnx_int8_minus_fp32_points": f"{onnx['int8_minus_fp32_points']:+.3f}",
+            "serving": f"onnx {onnx['serves']}"}
+
+
 def _report_about(params: PublishParams) -> dict:
     """evaluate's report, refused unless it evaluated this very student."""
     folder = open_folder(params.report)
@@ -232,9 +281,10 @@ def export_savedmodel(config, weights, path: Path):
     return module
 
 
-def register(module, config, report: dict, params: PublishParams, saved: Path, vocab) -> dict:
-    """Log the SavedModel (TensorFlow flavour, token ids in) and the fill-mask model (text in) to an
-    MLflow run, register the fill-mask one, move `champion` if it is better."""
+def register(module, config, report: dict, params: PublishParams, published: Path, vocab) -> dict:
+    """Log the SavedModel (TensorFlow flavour, token ids in) and the fill-mask model (text in, with the
+    Hugging Face folder and the ONNX files) to an MLflow run, register the fill-mask one, tag the
+    version with what its files are and how they measured, move `champion` if it is better."""
     import mlflow
     import mlflow.tensorflow
     import numpy as np
@@ -269,11 +319,12 @@ def register(module, config, report: dict, params: PublishParams, saved: Path, v
                 module, name="model", signature=ModelSignature(inputs, outputs),
                 saved_model_kwargs={"signatures": {"serving_default": module.serve}},
                 pip_requirements=[f"tensorflow-cpu=={tf.__version__}"])
-            info = log_fill_mask(str(saved), str(vocab.path), params.model_name, tf.__version__)
+            info = log_fill_mask(published, vocab.path, params.model_name, report["onnx"])
         version = str(info.registered_model_version)
         # what evaluate needs to score this version against a later student on the same examples
         version_tags = {ACCURACY_TAG: repr(accuracy), "vocab_sha256": vocab.sha256,
-                        "bertdistill.export": open_folder(params.student).child_uri("export")}
+                        "bertdistill.export": open_folder(params.student).child_uri("export"),
+                        "bertdistill.published": params.output, **artifact_tags(report["onnx"], published)}
         if "max_seq_length" in report:
             version_tags["max_seq_length"] = str(report["max_seq_length"])
         for key, value in version_tags.items():
