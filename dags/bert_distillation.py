@@ -115,6 +115,14 @@ def form(defaults: dict) -> dict[str, Param]:
                          description="also train the same student without the teacher (hard labels only, same "
                          "init, data and steps; doubles training time): the report then gives the distillation "
                          "gain with its 95% interval"),
+        "warm_start": Param(d["warm_start"], type=["boolean", "null"], title="Warm start", section="Student",
+                            description="start the student (and its control) from the current champion of the "
+                            "same kind instead of the teacher's layers, and train Warm-start fraction of the "
+                            "steps: a monthly refresh that continues last month's model; cold when there is no "
+                            "champion yet"),
+        "warm_start_fraction": Param(d["warm_start_fraction"], type="number", exclusiveMinimum=0, maximum=1,
+                                     title="Warm-start fraction", section="Student",
+                                     description="the fraction of Train steps a warm-started student trains"),
         "size": Param(d["size"], type="string", enum=list(SIZES), title="Size", section="Run",
                       description="demo: the sizes of make demo for every size field left at its default ("
                       f"{DEMO['max_dump_files']} dump file, {DEMO['train_shards']} + {DEMO['heldout_shards']} shards, "

@@ -90,3 +90,29 @@ def test_evaluate_reports_student_control_teacher_and_baseline(tmp_path, tiny_te
     assert report["student"]["layers"] == 1 and report["student"]["kl_from_teacher"] >= 0
     assert report["teacher"]["latency_encoder_s"] > 0 and report["speedup_encoder"] > 0
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_warm_start_begins_from_the_published_student(tmp_path, tiny_teacher, labels_dir, tiny_student):
+    """--init-from: the student starts as last month's (at learning rate 0 it stays that model to the bit)
+    and its first loss is where that model ended, not where a cold start begins."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "warm"
+    run_cli(*distill_args(tiny_teacher, labels_dir, out, "--init-from", str(tiny_student), "--learning-rate", "0",
+                          "--steps", "2", "--checkpoint-every", "2", "--warmup-steps", "1"), check=True)
+    before, after = (load_file(str(s / "export" / "model.safetensors")) for s in (tiny_student, out))
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    warm, cold = _summary(out), _summary(tiny_student)
+    assert warm["losses"][0] < cold["losses"][0]
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    assert manifest["inputs"]["init_from"].split()[0].endswith("export")  # its content hash beside it
+
+
+def test_a_warm_start_from_another_shape_is_refused(tmp_path, tiny_teacher, labels_dir, tiny_student):
+    out = tmp_path / "warm"
+    proc = run_cli(*distill_args(tiny_teacher, labels_dir, out, "--init-from", str(tiny_student), "--student-layers",
+                                 "2"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = error_lines(proc)
+    assert "is not this student's shape (num_hidden_layers 1 there, 2 here)" in line and "start cold" in line
+    assert not (out / "_MANIFEST.json").exists()

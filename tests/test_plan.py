@@ -219,3 +219,24 @@ def test_a_demo_sized_plan_keeps_its_sizes_when_the_dump_needs_more_shards():
     plan = planning.make_plan({"size": "demo"}, settings, "20160101", dump_bytes=3_000_000)
     assert plan.params.size == "demo" and plan.params.train_steps == planning.DEMO["train_steps"]
     assert plan.params.train_shards > planning.DEMO["train_shards"]
+
+
+def test_a_warm_start_begins_at_the_champion_and_trains_its_fraction_of_the_steps():
+    """Student and control both start from the champion and train 30% of the steps, in a student folder
+    of their own; with no champion yet the run starts cold; a fraction outside (0, 1] is refused."""
+    champion = "s3://bucket/bd/runs/enwiki-20261001/students/3l-k10-abc"
+    cold = planning.make_plan(FULL, SETTINGS, "20261101")
+    warm = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion)
+    assert warm.init_from == champion and warm.student != cold.student
+    runs = planning.distill_args(warm, warm.adapted_teacher)
+    assert len(runs) == 2
+    for args in runs:
+        assert args[args.index("--init-from") + 1] == champion
+        assert args[args.index("--steps") + 1] == "3000"  # 30% of 10,000
+    assert "--init-from" not in planning.distill_args(cold, cold.adapted_teacher)[0]
+    first_month = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=None)
+    assert first_month.init_from is None and first_month.student == cold.student
+    assert planning.make_plan(FULL, SETTINGS, "20261101", champion=champion).init_from is None  # not asked for
+    assert planning.Plan.from_xcom(warm.to_xcom()) == warm
+    with pytest.raises(ValueError, match="warm_start_fraction = 0"):
+        planning.full_params(FULL | {"warm_start": True, "warm_start_fraction": 0})

@@ -40,10 +40,11 @@ def render(report: dict, model_name: str, run: dict[str, str], batch: int) -> st
     dump = f"{run.get('wiki', 'enwiki')} {run.get('date', '')}".strip()
     front = {"license": "cc-by-sa-4.0", "language": ["en"], "library_name": "transformers",
              "pipeline_tag": "fill-mask", "tags": ["bert", "distillation", "wikipedia", "onnx"],
-             "datasets": ["wikipedia"], "base_model": run.get("teacher", "the teacher named below")}
+             "datasets": ["wikipedia"]}
+    teacher = f", {run['teacher']}" if run.get("teacher") else ""
     lines = [f"# {model_name}", "",
              f"A {s['layers']}-layer BERT ({s['parameters'] / 1e6:.1f} M parameters) distilled from a "
-             f"{t['layers']}-layer teacher ({t['parameters'] / 1e6:.1f} M) on the Wikipedia dump {dump}, by "
+             f"{t['layers']}-layer teacher ({t['parameters'] / 1e6:.1f} M{teacher}) on the Wikipedia dump {dump}, by "
              "bertdistill: masked-LM and next-sentence pretraining on the teacher's cached top-k outputs.", "",
              "## License", "",
              f"Data and weights: {DATA_LICENSE}. Attribute Wikipedia's contributors when you redistribute.", "",

@@ -3,10 +3,11 @@
 Why build the graph here rather than convert the SavedModel (tf2onnx) or the Hugging Face folder
 (torch.onnx): the weights are already in hand as numpy arrays under Google's names, BERT is a
 few dozen operators per layer, and writing them takes well under a second with neither
-TensorFlow nor torch loaded (tf2onnx took 48 s on the demo student; torch would put 800 MB in
-the pipeline image). The graph uses only standard ONNX operators (opset 17), laid out as the
-exporters lay BERT out, so ONNX Runtime's optimisers recognise its attention, LayerNorm and GELU
-(the transformer optimiser fuses all three attention blocks of the demo student).
+TensorFlow nor torch loaded (0.8 s for the demo student, where tf2onnx took 55.8 s with the same
+logits: bench/onnx_export.py; torch would put 750 MB in the pipeline image). The graph uses only
+standard ONNX operators (opset 17), laid out as the exporters lay BERT out, so ONNX Runtime's
+optimisers recognise its attention, LayerNorm and GELU (the transformer optimiser fuses all three
+attention blocks of the demo student).
 
 Inputs: input_ids, attention_mask, token_type_ids (int64 [batch, length], Hugging Face's names)
 and masked_positions (int64 [batch, positions]); outputs mlm_logits [batch, positions, vocab] and

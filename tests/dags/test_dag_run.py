@@ -3,7 +3,8 @@
 A tiny Hugging Face-format teacher without a masked-LM head (so the adapt branch runs) keeps it
 to minutes. Checked: every step's child run under one MLflow parent run, the registered model,
 that a second run of the same dump stops after check_dump, that a run cut short resumes from
-the finished steps' manifests, and the same DAG with the store on a real S3 server.
+the finished steps' manifests, that the next month's dump is distilled and judged against the
+champion beside month one, and the same DAG with the store on a real S3 server.
 """
 
 from __future__ import annotations
@@ -234,6 +235,45 @@ def test_a_run_cut_short_resumes_from_the_finished_steps(local_run):
     client, _ = runs(root / "mlflow.db")
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
+
+def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_beside_it(local_run, sample,
+                                                                                         tmp_path):
+    """The generator puts enwiki 20160201 on a copy of the mirror (edited, deleted and new articles); the
+    same settings with date latest and a warm start pick it up, start student and control from month
+    one's champion, distil it, score that champion on month two's held-out examples and move
+    `champion` only if the new student beats it there. The registry then holds a version per month,
+    each tagged with its dump, and month one's outputs are untouched."""
+    from tests.next_dump import NEXT_DATE, make_next_month
+    from tests.test_next_dump import CACHE
+
+    env, root, first = local_run
+    assert first.returncode == 0
+    mirror = tmp_path / "mirror"
+    shutil.copytree(sample / "mirror", mirror)
+    make_next_month(mirror, CACHE)
+    month_one = {p: p.read_bytes() for p in (root / "store" / "runs" / "enwiki-20160101").rglob("*") if p.is_file()}
+    client, _ = runs(root / "mlflow.db")
+    incumbent = client.get_model_version_by_alias(MODEL, "champion")
+    proc = dags_test({**env, "BERTDISTILL_MIRROR": str(mirror)}, {**TINY, "warm_start": True})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "publish" in tasks_run(proc.stdout + proc.stderr)
+    assert all(p.read_bytes() == data for p, data in month_one.items())  # nothing of month one rewritten
+    [student] = (root / "store" / "runs" / f"enwiki-{NEXT_DATE}" / "students").iterdir()
+    for folder in (student, student / "control"):  # both warm-started from the champion, for 2 of the 4 steps
+        manifest = json.loads((folder / "_MANIFEST.json").read_text())
+        assert manifest["inputs"]["init_from"].split()[0] == incumbent.tags["bertdistill.export"]
+        assert manifest["params"]["steps"] == 2
+    report = json.loads((student / "report" / "report.json").read_text())
+    assert report["champion"]["version"] == int(incumbent.version)  # scored on month two's held-out examples
+    versions = {v.tags.get("dump"): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+    assert {"enwiki 20160101", f"enwiki {NEXT_DATE}"} <= set(versions), sorted(map(str, versions))
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    won = report["student"]["mlm_accuracy"] > report["champion"]["mlm_accuracy"]
+    assert champion.version == (versions[f"enwiki {NEXT_DATE}"].version if won else incumbent.version)
+    [parent] = [r for r in runs(root / "mlflow.db")[1] if r.data.params.get("date") == NEXT_DATE
+                and "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith(f"enwiki {NEXT_DATE} manual ")
+    assert parent.data.params["warm_start"] == "true"
 
 @pytest.mark.s3
 def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaweed, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ class RunParams:
     batch_size: int = default(DistillParams, "batch_size")
     ranks: int = 1
     control: bool = True
+    warm_start: bool = False
+    warm_start_fraction: float = 0.3
     force: bool = False
     size: str = "full"
 
@@ -105,6 +108,7 @@ class Plan:
     student: str
     report: str
     published: str
+    init_from: str | None = None  # warm start: the champion's student folder
 
     def to_xcom(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +135,9 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
     if p.ranks > p.train_shards:
         raise ValueError(f"ranks = {p.ranks} but train_shards = {p.train_shards}: every Horovod rank reads "
                          "its own train shards, so use at most as many ranks as train shards")
+    if not 0 < p.warm_start_fraction <= 1:
+        raise ValueError(f"warm_start_fraction = {p.warm_start_fraction}: a warm start trains this fraction of "
+                         "train_steps, so give a number above 0 and at most 1")
     return p
 
 
@@ -176,11 +183,13 @@ def _key(values: dict[str, Any]) -> str:
 
 
 def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes: int | None = None,
-              max_map_length: int = MAX_MAP_LENGTH) -> Plan:
+              max_map_length: int = MAX_MAP_LENGTH, champion: str | None = None) -> Plan:
     """Everything later tasks need: URIs and keys, from which each step's arguments follow.
 
     `dump_bytes` (the selected files' compressed size, from dumpstatus.json) raises the train
-    shard count to keep each shard under the deployment's target size (`sized`)."""
+    shard count to keep each shard under the deployment's target size (`sized`). `champion` (the
+    current champion's student folder) is where a warm start begins; without one a warm start
+    starts cold."""
     p = full_params(params, max_map_length)
     wanted = sized(p, dump_bytes, int(settings.shard_target_mb))
     if wanted.train_shards != p.train_shards:
@@ -200,8 +209,10 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
     teacher = _join(root, "teachers", teacher_name)
     adapted = _join(run, "teachers", examples_key(p),
                     f"{teacher_name}-adapted-{p.adapt_steps}-lr{p.adapt_learning_rate:g}")
+    init_from = champion if p.warm_start else None
+    warm = {"init_from": init_from, "warm_start_fraction": p.warm_start_fraction} if init_from else {}
     student_key = _key({k: getattr(p, k) for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
-                       | {"teacher": teacher_source, "examples": examples, "adapted": adapted})
+                       | {"teacher": teacher_source, "examples": examples, "adapted": adapted} | warm)
     student = _join(run, "students", f"{p.student_layers}l-k{p.top_k}-{student_key}")
     # one registered model per kind of student: only like students (same wiki, teacher, shape and
     # sequence length) compete for its champion alias
@@ -211,7 +222,7 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
                 text=_join(run, "text", corpus_key(p)), examples=examples,
                 teacher_source=teacher_source, model_name=model_name, teacher=teacher, adapted_teacher=adapted,
                 student=student, report=_join(student, "report"),
-                published=_join(student, "published", FOLDER_MANIFEST))
+                published=_join(student, "published", FOLDER_MANIFEST), init_from=init_from)
 
 
 def train_labels_per_shard(p: RunParams) -> int:
@@ -294,14 +305,23 @@ def control_folder(plan: Plan) -> str:
     return _join(plan.student, "control")
 
 
-def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
-    """The student, and (unless the form turned it off) its no-teacher control: the same student, init,
-    data and steps on the hard labels only, so evaluate can say what the teacher added."""
+def train_steps(plan: Plan) -> int:
+    """The student's steps: train_steps, or the warm-start fraction of them when it starts from the champion."""
     p = plan.params
+    return max(1, math.ceil(p.train_steps * p.warm_start_fraction)) if plan.init_from else p.train_steps
+
+
+def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
+    """The student, and (unless the form turned it off) its no-teacher control: the same student, init
+    (the champion too, when warm-started), data and steps on the hard labels only, so evaluate can
+    say what the teacher added."""
+    p = plan.params
+    steps = train_steps(plan)
+    warm = ["--init-from", plan.init_from] if plan.init_from else []
     common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
               "--student-layers", str(p.student_layers), "--top-k", str(p.top_k), "--steps",
-              str(p.train_steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),
-              "--checkpoint-every", str(max(1, min(500, p.train_steps // 4))), *_force(plan)]
+              str(steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),
+              "--checkpoint-every", str(max(1, min(500, steps // 4))), *warm, *_force(plan)]
     runs = [[*common, "--output", plan.student]]
     if p.control:
         runs.append([*common, "--output", control_folder(plan), "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"])

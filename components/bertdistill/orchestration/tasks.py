@@ -60,6 +60,11 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: 
     p = planning.full_params(params, limit)
     date, status = resolve_date(Mirror(settings.mirror), p.wiki, p.date, as_of)
     plan = planning.make_plan(params, settings, date, selected_bytes(status, p.max_dump_files), limit)
+    if p.warm_start:
+        champion = champion_student(plan.model_name, settings)
+        plan = planning.make_plan(params, settings, date, selected_bytes(status, p.max_dump_files), limit, champion)
+        log.info("warm start: %s", f"from {champion}" if champion else f"no champion of {plan.model_name} yet, so "
+                 "the student starts cold")
     if plan.params.train_shards != p.train_shards:
         log.info("%d train shards instead of %d: this dump would give shards over %s MB of examples",
                  plan.params.train_shards, p.train_shards, settings.shard_target_mb)
@@ -73,6 +78,21 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: 
         return plan, reason
     log.info("plan: %s %s -> %s", p.wiki, date, plan.run)
     return plan, None
+
+
+def champion_student(model_name: str, settings: Settings) -> str | None:
+    """The student folder of the registered model's champion (publish tags each version with its export/),
+    None when nothing has been published under that name yet."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking_env(settings)
+    try:
+        version = MlflowClient().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    export = version.tags.get("bertdistill.export")
+    return export.removesuffix("/export") if export else None
 
 
 def max_map_length() -> int:

@@ -53,6 +53,9 @@ class DistillParams:
     student_config: str | None = flag(None, help="explicit student config.json (overrides the two above)")
     student_init: str = flag("teacher", choices=("teacher", "random"),
                              help="start from evenly spaced teacher layers (DistilBERT) or random weights")
+    init_from: str | None = flag(None, metavar="STUDENT", help="warm start: start from this student folder's "
+                                 "export/ (last month's champion) instead of --student-init; it must have this "
+                                 "student's shape and the teacher's vocab")
     top_k: int = flag(TOP_K, minimum=1, help="k the labels must have been made with")
     steps: int = flag(300, minimum=1, help="optimizer steps")
     batch_size: int = flag(32, minimum=1, help="examples per micro-batch")
@@ -124,6 +127,8 @@ def run(params: DistillParams) -> Manifest | None:
     fingerprint["warmup_steps"] = params.warmup()  # what shapes the student, however it was asked for
     fingerprint["schema"] = 1
     inputs = {"teacher": params.teacher, "labels": params.labels}
+    if params.init_from:
+        inputs["init_from"] = open_folder(params.init_from).child_uri("export")
 
     def work(writer: OutputWriter | None) -> dict:
         from bertdistill.bert.checkpoints import load_teacher, save_teacher
@@ -173,7 +178,7 @@ def _label_groups(shards: list[str], world, micro_batches: int) -> list[list[str
     return [shards[g::micro_batches] for g in range(micro_batches)]
 
 
-def _student(params: DistillParams, teacher_config, teacher_weights):
+def _student(params: DistillParams, teacher_config, teacher_weights, teacher_vocab_sha256: str):
     from bertdistill.bert.config import BertConfig
     from bertdistill.student import check_student_config, init_from_teacher, student_config
 
@@ -182,8 +187,32 @@ def _student(params: DistillParams, teacher_config, teacher_weights):
         check_student_config(config, teacher_config, params.student_config)
     else:
         config = student_config(teacher_config, params.student_layers, params.student_hidden)
+    if params.init_from:
+        return config, warm_start(params.init_from, config, teacher_vocab_sha256)
     weights = init_from_teacher(teacher_weights, teacher_config, config) if params.student_init == "teacher" else None
     return config, weights
+
+
+def warm_start(student_uri: str, config, vocab_sha256: str) -> dict:
+    """The weights of a student published before (its export/), refused unless it is this student's shape
+    and was trained on the teacher's vocab: a warm start continues that model, it cannot reshape it."""
+    from dataclasses import asdict
+
+    from bertdistill.bert.checkpoints import load_teacher
+
+    export = open_folder(student_uri).child_uri("export")
+    with staged_teacher(export) as local:
+        theirs, weights, vocab = load_teacher(local, export)
+    if vocab.sha256 != vocab_sha256:
+        raise StepError(f"--init-from {student_uri} was trained on another vocab than the teacher's: a warm start "
+                        "needs the same vocab; start cold (leave --init-from out)")
+    differ = {k: (v, asdict(config)[k]) for k, v in asdict(theirs).items()
+              if k not in ("hidden_dropout_prob", "attention_probs_dropout_prob") and asdict(config)[k] != v}
+    if differ:
+        shown = ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in sorted(differ.items()))
+        raise StepError(f"--init-from {student_uri} is not this student's shape ({shown}): a warm start needs the "
+                        "same shape; match --student-layers/--student-hidden to it or start cold")
+    return weights
 
 
 def _train(params: DistillParams, world, teacher_config, teacher_weights, shards: list[str], info: dict,
@@ -201,7 +230,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     G = params.grad_accum
     groups = _label_groups(shards, world, G)
     mine = range(world.rank * G // world.size, (world.rank + 1) * G // world.size)
-    config, init = _student(params, teacher_config, teacher_weights)
+    config, init = _student(params, teacher_config, teacher_weights, info["vocab_sha256"])
     # Mixed precision on a GPU: bfloat16 compute, float32 variables and AdamW moments (bfloat16
     # keeps float32's exponent range, so no loss scaling); plain float32 on a CPU.
     _, dtype = accelerator()

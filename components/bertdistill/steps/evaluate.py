@@ -405,12 +405,16 @@ def latency(models: dict, batch: int, L: int, P: int, sessions: dict | None = No
     best = dict.fromkeys(calls, float("inf"))
     for fn in calls.values():
         fn()  # trace and warm up
+    took = 0.0
     for _ in range(repeats):
         for key, fn in calls.items():
-            time.sleep(0.1)  # the runtime timed before spins its threads a while after a call (bench/serving.py)
+            # The runtime timed before keeps its threads spinning a while after a call, on the same cores
+            # (bench/serving.py): a pause, as long as the last call up to 0.1 s, lets them settle.
+            time.sleep(min(0.1, took))
             started = time.perf_counter()
             fn()
-            best[key] = min(best[key], time.perf_counter() - started)
+            took = time.perf_counter() - started
+            best[key] = min(best[key], took)
     out: dict[str, dict] = {name: {} for name, _ in calls}
     for (name, key), seconds in best.items():
         out[name][key] = seconds

@@ -194,7 +194,11 @@ def pipeline_params() -> dict[str, str]:
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     if not (parent and tracking.enabled()):
         return {}
-    return dict(tracking.client().get_run(parent).data.params)
+    run = tracking.client().get_run(parent)
+    params = dict(run.data.params)
+    if params.get("teacher") in (None, "", "None", "null"):  # the deployment's teacher, which the run tags
+        params["teacher"] = run.data.tags.get("bertdistill.teacher", "?")
+    return params
 
 
 def stage_onnx(report_uri: str, folder: Path) -> None:
@@ -327,6 +331,9 @@ def register(module, config, report: dict, params: PublishParams, published: Pat
                         "bertdistill.published": params.output, **artifact_tags(report["onnx"], published)}
         if "max_seq_length" in report:
             version_tags["max_seq_length"] = str(report["max_seq_length"])
+        run = pipeline_params()
+        if run.get("date"):  # the registry lists the months side by side: which dump each version learnt
+            version_tags["dump"] = f"{run.get('wiki', '?')} {run['date']}"
         for key, value in version_tags.items():
             client.set_model_version_tag(params.model_name, version, key, value)
         client.update_model_version(params.model_name, version, description=describe(report, client, parent))
