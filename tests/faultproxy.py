@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
 import struct
+import sys
+import termios
 import threading
+import time
 
 
 class FaultProxy:
     """Forwards every connection to `upstream_port`.
 
     `reset_after(n, times)`: the next `times` connections that send more than n bytes of
-    answers are reset (RST) at that point, the way a load balancer or a dying pod does.
+    answers are reset (RST) at that point, the way a load balancer or a dying pod does;
+    `reset_every(n)`: all of them, a flaky link. `connections` counts the connections served and
+    `bytes_down` the bytes of answers that reached the client, so a test can bound both.
     `kill()`: every open connection is reset and new ones are refused until `revive()`.
     """
 
@@ -23,6 +29,8 @@ class FaultProxy:
         self.cut_after: int | None = None
         self.cuts_left = 0
         self.cuts_done = 0
+        self.connections = 0
+        self.bytes_down = 0
         self.up_limit: int | None = None  # kill everything once this many request bytes went upstream
         self.up_bytes = 0
         self.dead = False
@@ -38,6 +46,9 @@ class FaultProxy:
     def reset_after(self, n: int, times: int) -> None:
         with self._lock:
             self.cut_after, self.cuts_left = n, times
+
+    def reset_every(self, n: int) -> None:
+        self.reset_after(n, times=sys.maxsize)
 
     def kill(self) -> None:
         with self._lock:
@@ -63,6 +74,8 @@ class FaultProxy:
             if self.dead:
                 _reset(client)
                 continue
+            with self._lock:
+                self.connections += 1
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
@@ -82,17 +95,25 @@ class FaultProxy:
                     if cut:
                         self.cuts_left -= 1
                         self.cuts_done += 1
+                        keep = max(0, self.cut_after - sent)
                 if cut:
-                    client.sendall(data[: max(0, self.cut_after - sent)])
+                    client.sendall(data[:keep])
+                    self._count_down(keep)
+                    _drain(client)
                     if self.die_on_cut:
                         self.kill()
                     break
                 client.sendall(data)
+                self._count_down(len(data))
                 sent += len(data)
         except OSError:
             pass
         _reset(client)
         _reset(upstream)
+
+    def _count_down(self, n: int) -> None:
+        with self._lock:
+            self.bytes_down += n
 
     def _pump_up(self, client: socket.socket, upstream: socket.socket) -> None:
         try:
@@ -106,6 +127,16 @@ class FaultProxy:
                     return
         except OSError:
             pass
+
+
+def _drain(sock: socket.socket, wait_s: float = 5.0) -> None:
+    """Wait (a while at most) until the peer has every byte sent: a reset discards what is still
+    queued to go, so without this "reset after n bytes" would deliver fewer, as many fewer as
+    the socket buffers hold."""
+    deadline = time.monotonic() + wait_s
+    with contextlib.suppress(OSError):
+        while fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0" and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import pytest
 
+from bertdistill import s3store
+from bertdistill.errors import TransientError
 from bertdistill.store import open_folder
 from tests.conftest import _s3_client, error_lines, run_cli
 from tests.faultproxy import FaultProxy
@@ -101,4 +105,78 @@ def test_a_dead_endpoint_mid_read_is_one_transient_error_line(s3_env, s3_prefix,
     assert proc.returncode == 1, proc.stderr[-2000:]
     [line] = error_lines(proc)
     assert "reading s3://" in line and "part-00000.jsonl.gz" in line and "broke off at byte" in line, line
+    assert "cannot reach the endpoint" in line and "at byte 0 of" not in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _put(s3_env, s3_prefix, name: str, data: bytes) -> None:
+    bucket, _, prefix = s3_prefix.removeprefix("s3://").partition("/")
+    _s3_client(s3_env).put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
+
+
+@pytest.mark.parametrize("every", [200_000, 500_000])
+def test_a_link_that_resets_every_connection_is_read_through(s3_env, s3_prefix, proxy, every, caplog):
+    """Each connection's bytes count, less at most one short read: the object comes through in
+    about size/every connections, however many resets that takes. Read in 1 MiB blocks, as
+    gzip's buffered reads and copyfileobj ask for them."""
+    data = os.urandom(2_500_000)
+    _put(s3_env, s3_prefix, "blob", data)
+    proxy.reset_every(every)
+    with caplog.at_level(logging.WARNING, logger="bertdistill.s3store"), open_folder(s3_prefix).open_read("blob") as f:
+        assert b"".join(iter(lambda: f.read(1 << 20), b"")) == data
+    assert proxy.connections <= len(data) / every + 2, proxy.connections
+    assert proxy.cuts_done >= len(data) // every
+    assert proxy.bytes_down <= len(data) + proxy.connections * (s3store.READ_PIECE + 2_000), proxy.bytes_down
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings and all("reset at byte" in w and " at byte 0 of" not in w for w in warnings), warnings
+
+
+def test_build_corpus_through_a_link_that_resets_every_connection_gives_the_same_bytes(s3_env, s3_prefix, proxy,
+                                                                                       corpus, tmp_path):
+    """Every connection reset after 500,000 bytes (less than the article part): build-corpus on
+    the sample completes, byte-identical."""
+    part = corpus / "articles" / "part-00000.jsonl.gz"
+    _put(s3_env, s3_prefix, "articles/part-00000.jsonl.gz", part.read_bytes())
+    assert part.stat().st_size > 500_000
+    env = {**s3_env, "BERTDISTILL_S3_ENDPOINT_URL": proxy.url, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
+    proxy.reset_every(500_000)
+    run_cli("build-corpus", "--input", f"{s3_prefix}/articles", "--output", f"{s3_prefix}/text",
+            "--train-shards", "2", "--heldout-shards", "1", env=env, check=True)
+    assert proxy.cuts_done >= 1
+    proxy.reset_after(0, times=0)
+    store = open_folder(s3_prefix)
+    for name in ("train/shard-00000.txt", "train/shard-00001.txt", "heldout/shard-00000.txt"):
+        assert store.read_bytes(f"text/{name}") == (corpus / "text" / name).read_bytes(), name
+
+
+def test_the_warnings_after_the_endpoint_dies_say_it_cannot_be_reached(s3_env, s3_prefix, proxy, caplog,
+                                                                        monkeypatch):
+    """Not "broke off at byte 0 ... 0 read": the reset names the byte reached, each failed resume
+    the endpoint, and the final error the object and that byte."""
+    monkeypatch.setattr(s3store, "RESUME_PAUSE_S", 0.05)
+    data = os.urandom(1_000_000)
+    _put(s3_env, s3_prefix, "blob", data)
+    proxy.reset_after(300_000, times=1)
+    proxy.die_on_cut = True
+    with caplog.at_level(logging.WARNING, logger="bertdistill.s3store"), pytest.raises(TransientError) as failed:
+        open_folder(s3_prefix).read_bytes("blob")
+    first, *rest = [r.getMessage() for r in caplog.records]
+    reached = int(re.search(r"reset at byte ([\d,]+) of 1,000,000", first)[1].replace(",", ""))
+    assert 300_000 - s3store.READ_PIECE - 2_000 < reached < 300_000, first
+    assert rest and all(f"cannot reach the endpoint {proxy.url}" in w for w in rest), rest
+    error = str(failed.value)
+    assert "\n" not in error and f"{s3_prefix}/blob" in error and f"at byte {reached:,} of 1,000,000" in error, error
+    assert "cannot reach the endpoint" in error and "a retry may pass" in error, error
+
+
+def test_an_object_replaced_mid_read_is_not_spliced_onto_the_old_one(s3_env, s3_prefix, proxy):
+    """The resume asks If-Match the first ETag: a new object under the key fails the read at
+    once, saying so, instead of handing back the old one's head on the new one's tail."""
+    _put(s3_env, s3_prefix, "blob", os.urandom(8 << 20))
+    with open_folder(s3_prefix).open_read("blob") as f:
+        f.read(1000)
+        proxy.kill()
+        proxy.revive()
+        _put(s3_env, s3_prefix, "blob", os.urandom(8 << 20))
+        with pytest.raises(TransientError, match=r"the object changed \(ETag .* no longer matches\)"):
+            f.read()

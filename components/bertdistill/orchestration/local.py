@@ -22,6 +22,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from bertdistill import children
 from bertdistill.errors import BAD_INPUT_EXIT
 
 # The timestamp a line of the step starts with: its logging format's asctime ("2026-11-26 13:34:19,407 ")
@@ -65,8 +66,10 @@ class LocalStepOperator(BaseOperator):
         command = step_command([str(a) for a in self.arguments], int(self.ranks))
         self.log.info("running: %s", " ".join(command))
         env = {**os.environ, **{k: str(v) for k, v in self.env_vars.items()}, "PYTHONUNBUFFERED": "1"}
+        # Its own group, so on_kill ends the step and all it started; and dying with this task process
+        # (children.py), which on_kill cannot cover when the task itself is SIGKILLed.
         self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=children.preexec_fn())
         last_error = ""
         assert self._proc.stdout is not None
         # lines end at "\n" only, so a progress bar's "\r" redraws stay one line (text=True would split them)

@@ -22,11 +22,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertdistill import children
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
@@ -91,8 +91,9 @@ def check_dump_head(path: Path, uri: str) -> None:
 
 def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
     processes = params.processes or len(os.sched_getaffinity(0))
-    command = [sys.executable, "-m", "wikiextractor.WikiExtractor", "--json", "--no-templates",
-               "--processes", str(processes), "-q", "-o", "-", str(path)]
+    # Through bertdistill.children: WikiExtractor and the workers it forks die with this step, even SIGKILLed.
+    command = children.module_command("wikiextractor.WikiExtractor", "--json", "--no-templates",
+                                      "--processes", str(processes), "-q", "-o", "-", str(path))
     log.info("extract: running WikiExtractor on %s with %d process(es)", params.input, processes)
     # Its own process group: when WikiExtractor's reader thread dies (a truncated .bz2) the
     # process never exits and its workers hold our pipe open, so a traceback on its stderr

@@ -35,6 +35,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from bertdistill import children
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
@@ -163,8 +164,10 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
                 scatter(index, _build_chunk(index, docs), consumed)
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            # Workers die with this step, SIGKILL included (children.py); forked from the main thread.
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                     initializer=_init_worker, initargs=(ctx,)) as pool:
+                                     initializer=children.pool_initializer,
+                                     initargs=(os.getpid(), _init_worker, ctx)) as pool:
                 pending: deque = deque()
                 for index, docs, consumed in chunks:
                     pending.append((index, pool.submit(_build_chunk, index, docs), consumed))
