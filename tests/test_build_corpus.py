@@ -76,3 +76,34 @@ def test_several_article_folders_read_as_one_and_nothing_beside_them(corpus, tmp
         assert sorted(map(tuple, _docs(shard))) == sorted(map(tuple, _docs(corpus / "text" / shard.relative_to(both))))
     manifest = json.loads((both / "_MANIFEST.json").read_text())
     assert manifest["summary"]["documents"] == 105 and len(manifest["inputs"]) == 2
+
+
+def test_new_and_changed_articles_are_split_between_training_and_the_temporal_shard(corpus, tmp_path):
+    """Against last month's articles, half of the new or changed ones bound for training are held out in
+    temporal/shard-00000.txt; unchanged articles and the held-out split stay where they were."""
+    from bertdistill.steps.build_corpus import goes_to_temporal
+
+    with gzip.open(corpus / "articles" / "part-00000.jsonl.gz", "rt") as f:
+        articles = [json.loads(line) for line in f]
+    last = tmp_path / "last_month"
+    last.mkdir()
+    kept, edited = articles[:60], articles[60:90]  # articles[90:] are new this month
+    with gzip.open(last / "part-00000.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(a) + "\n" for a in kept + [a | {"text": a["text"] + "\nAn old sentence."}
+                                                           for a in edited])
+    proc = run_cli("build-corpus", "--input", str(corpus / "articles"), "--output", str(tmp_path / "text"),
+                   "--train-shards", "2", "--heldout-shards", "1", "--previous", str(last), check=True)
+    text = tmp_path / "text"
+    temporal = _docs(text / "temporal" / "shard-00000.txt")
+    summary = json.loads((text / "_MANIFEST.json").read_text())["summary"]
+    changed = [a for a in articles[60:] if split_sentences(a["text"], "en", 2)]
+    assert summary["new_or_changed_documents"] == len(changed)
+    expected = [a for a in changed if shard_of(a["id"], 2, 1)[0] == "train" and goes_to_temporal(a["id"])]
+    assert 0 < len(expected) < len(changed) / 2 + 10
+    assert summary["temporal_documents"] == len(temporal) == len(expected)
+    assert all(split_sentences(a["text"], "en", 2) in temporal for a in expected)
+    for name in ("heldout/shard-00000.txt", "train/shard-00000.txt", "train/shard-00001.txt"):
+        before, after = _docs(corpus / "text" / name), _docs(text / name)
+        assert all(doc in before for doc in after)  # nothing moved between shards; only temporal ones left
+    assert _docs(text / "heldout/shard-00000.txt") == _docs(corpus / "text" / "heldout/shard-00000.txt")
+    assert "held out in the temporal shard" in proc.stdout

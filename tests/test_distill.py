@@ -70,9 +70,16 @@ def test_evaluate_reports_student_control_teacher_and_baseline(tmp_path, tiny_te
     out = tmp_path / "report"
     proc = run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--heldout",
                    str(labelled.parent), "--output", str(out), "--control", str(control), "--max-examples", "512",
-                   "--latency-batch", "4", check=True)
+                   "--latency-batch", "4", "--temporal", str(labelled.parent), check=True)
     assert "most-frequent-token baseline" in proc.stdout and "vs control" in proc.stdout
     report = json.loads((out / "report.json").read_text())
+    # The temporal pass, given the held-out shards themselves, scores every model as the main pass did.
+    temporal = report["temporal"]
+    assert temporal["positions"] == report["positions"] and "no champion was scored there" in temporal["verdict"]
+    for who in ("student", "control", "teacher"):
+        assert temporal[who]["mlm_accuracy"] == pytest.approx(report[who]["mlm_accuracy"])
+    assert temporal["distillation_gain"] == pytest.approx(report["distillation_gain"])
+    assert temporal["verdict"] in proc.stdout
     assert report["positions"] > 5000 and report["examples"] >= 512
     for who in ("student", "control", "teacher", "baseline"):
         assert 0 <= report[who]["mlm_accuracy"] <= 1

@@ -156,7 +156,7 @@ def _commit(folder: str, **manifest) -> None:
 
     path = Path(folder) / FOLDER_MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(Manifest(step="test", params={}, inputs={}, **manifest).to_bytes())
+    path.write_bytes(Manifest(**{"step": "test", "params": {}, "inputs": {}} | manifest).to_bytes())
 
 
 def test_the_plan_travels_as_json_and_comes_back_equal():
@@ -240,3 +240,46 @@ def test_a_warm_start_begins_at_the_champion_and_trains_its_fraction_of_the_step
     assert planning.Plan.from_xcom(warm.to_xcom()) == warm
     with pytest.raises(ValueError, match="warm_start_fraction = 0"):
         planning.full_params(FULL | {"warm_start": True, "warm_start_fraction": 0})
+    # what a warm student reads is all that is labelled: 30% of the steps, 30% of the labels
+    assert planning.train_labels_per_shard(warm) * 10 == planning.train_labels_per_shard(cold) * 3
+
+
+def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teacher_is_the_same(tmp_path):
+    """The previous month is the newest earlier dump in the store whose text has these settings: it adds
+    the temporal shard (made, labelled like the held-out split, scored by evaluate). Its adapted teacher
+    labels month two unless the fetched teacher changed since, or force asks for everything again."""
+    from bertdistill.orchestration import tasks
+
+    settings = Settings(store=str(tmp_path), teacher="/src/minilm")
+    one = planning.make_plan(TRIAL, settings, "20261001")
+    two = planning.make_plan(TRIAL, settings, "20261101")
+    assert tasks.previous_month(two) is None
+    _commit(one.dump_folder, outputs={"enwiki-20261001-pages-articles1.xml-p1p1.bz2": {}})
+    _commit(two.dump_folder, outputs={"enwiki-20261101-pages-articles1.xml-p1p1.bz2": {}})
+    assert tasks.previous_month(two) is None  # fetched, but no text with these settings
+    _commit(one.text, inputs={"articles": f"{one.articles}/enwiki-20261001-pages-articles1 manifest:ab"})
+    assert tasks.previous_month(two) == "20261001" and tasks.previous_month(one) is None
+    two = planning.make_plan(TRIAL, settings, "20261101", previous="20261001")
+    assert planning.text_shards(two)[-1] == planning.TEMPORAL_SHARD
+    assert planning.TEMPORAL_SHARD not in planning.text_shards(one)
+    corpus = tasks.corpus(two)
+    assert corpus[corpus.index("--previous") + 1:corpus.index("--previous") + 2] == [
+        f"{one.articles}/enwiki-20261001-pages-articles1"]
+    labels = planning.label_teacher_args(two, two.adapted_teacher)[-1]
+    assert labels[labels.index("--input") + 1].endswith("temporal/shard-00000.tfrecord")
+    assert labels[labels.index("--max-examples") + 1] == "50000"  # as many as evaluate reads
+    evaluate = planning.evaluate_args(two, two.adapted_teacher)
+    assert evaluate[evaluate.index("--temporal") + 1].endswith("/temporal")
+    assert "--temporal" not in planning.evaluate_args(one, one.adapted_teacher)
+
+    _commit(two.teacher, summary={"heads": ["pooler"]})
+    assert tasks.teacher_needs_head(two) is True  # month one adapted nothing yet
+    from bertdistill.manifest import input_fingerprint
+
+    _commit(one.adapted_teacher, inputs={"teacher": f"{one.teacher} {input_fingerprint(one.teacher)}"})
+    assert one.adapted_teacher.startswith(f"{one.run}/") and tasks.teacher_needs_head(two) is False
+    assert tasks.teacher_ready(two)["teacher"] == one.adapted_teacher
+    forced = planning.make_plan(TRIAL | {"force": True}, settings, "20261101", previous="20261001")
+    assert tasks.teacher_needs_head(forced) is True and tasks.teacher_ready(forced)["teacher"] == forced.teacher
+    _commit(two.teacher, summary={"heads": ["pooler"], "refetched": True})  # another teacher under the same name
+    assert tasks.teacher_needs_head(two) is True and tasks.teacher_ready(two)["teacher"] == two.teacher

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 import typing
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if manifest is None:  # a Horovod rank other than 0: rank 0 logs
         return 0
     try:
-        tracking.log_step(args.step, manifest, output, run_id)
+        tracking.log_step(args.step, manifest, output, run_id, cpu_seconds=cpu_seconds())
     except Stopped:  # the work is committed; a rerun skips it and logs again
         _close_quietly(args.step, run_id, "KILLED", "stopped while logging its results")
         raise
@@ -113,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds this step process has used, its reaped children (pool workers, WikiExtractor) included:
+    what the step cost, whether it did the work or found it done (then only its start-up)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class Stopped(SystemExit):

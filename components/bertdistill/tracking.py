@@ -203,9 +203,12 @@ def close_step(run_id: str | None, status: str, error: str = "") -> None:
     c.set_terminated(run_id, status)
 
 
-def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None = None) -> str | None:
+def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None = None,
+             cpu_seconds: float | None = None) -> str | None:
     """A finished (or reused) step's parameters, summary, inputs and small files, into its run
-    (the one opened at its start, else a new one); returns its id, None when tracking is off."""
+    (the one opened at its start, else a new one); returns its id, None when tracking is off.
+    `cpu_seconds`: what this process used, so a month's runs show what each step cost (little when
+    it found its output done)."""
     if not enabled():
         return None
     from mlflow.entities import Dataset as DatasetEntity
@@ -236,6 +239,8 @@ def log_step(step: str, manifest: Manifest, output_uri: str, run_id: str | None 
                    if m.key not in _live and m.key.rsplit(".", 1)[-1] not in SETTINGS_IN_SUMMARY]
         if manifest.seconds is not None:
             metrics.append(Metric("step_wall_seconds", float(manifest.seconds), 0, 0))
+        if cpu_seconds is not None:
+            metrics.append(Metric("step_cpu_seconds", round(cpu_seconds, 3), 0, 0))
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params and 1000 metrics
             c.log_batch(run_id, params=params[i: i + 100])
         for i in range(0, len(metrics), 1000):

@@ -256,15 +256,28 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     incumbent = client.get_model_version_by_alias(MODEL, "champion")
     proc = dags_test({**env, "BERTDISTILL_MIRROR": str(mirror)}, {**TINY, "warm_start": True})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "publish" in tasks_run(proc.stdout + proc.stderr)
+    ran = tasks_run(proc.stdout + proc.stderr)
+    assert "publish" in ran
     assert all(p.read_bytes() == data for p, data in month_one.items())  # nothing of month one rewritten
-    [student] = (root / "store" / "runs" / f"enwiki-{NEXT_DATE}" / "students").iterdir()
+    month_two = root / "store" / "runs" / f"enwiki-{NEXT_DATE}"
+    # month one's adapted teacher (same teacher, same settings) labels month two: no adapt_teacher run
+    assert "adapt_teacher" not in ran and "label_teacher" in ran and not (month_two / "teachers").exists()
+    [adapted] = (root / "store" / "runs" / "enwiki-20160101" / "teachers").glob("*/*/*")
+    [student] = (month_two / "students").iterdir()
+    evaluated = json.loads((student / "report" / "_MANIFEST.json").read_text())
+    assert evaluated["inputs"]["teacher"].split()[0] == str(adapted)
+    # the temporal held-out: half of the new and changed articles bound for training, kept out of it
+    text = json.loads(next(month_two.glob("text/*/_MANIFEST.json")).read_text())["summary"]
+    assert 0 < text["temporal_documents"] < text["new_or_changed_documents"] <= 15 + 12
     for folder in (student, student / "control"):  # both warm-started from the champion, for 2 of the 4 steps
         manifest = json.loads((folder / "_MANIFEST.json").read_text())
         assert manifest["inputs"]["init_from"].split()[0] == incumbent.tags["bertdistill.export"]
         assert manifest["params"]["steps"] == 2
     report = json.loads((student / "report" / "report.json").read_text())
     assert report["champion"]["version"] == int(incumbent.version)  # scored on month two's held-out examples
+    temporal = report["temporal"]
+    assert temporal["positions"] > 0 and {"student", "control", "teacher", "champion"} <= set(temporal)
+    assert "last month's champion" in temporal["verdict"]
     versions = {v.tags.get("dump"): v for v in client.search_model_versions(f"name = '{MODEL}'")}
     assert {"enwiki 20160101", f"enwiki {NEXT_DATE}"} <= set(versions), sorted(map(str, versions))
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -274,6 +287,9 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
                 and "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith(f"enwiki {NEXT_DATE} manual ")
     assert parent.data.params["warm_start"] == "true"
+    assert parent.data.metrics["temporal_champion_mlm_accuracy"] == temporal["champion"]["mlm_accuracy"]
+    steps = [r for r in runs(root / "mlflow.db")[1] if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert steps and all(r.data.metrics["step_cpu_seconds"] > 0 for r in steps if r.info.status == "FINISHED")
 
 @pytest.mark.s3
 def test_the_same_dag_with_the_store_on_s3(airflow_env, sample, hf_teacher, seaweed, tmp_path):

@@ -109,6 +109,7 @@ class Plan:
     report: str
     published: str
     init_from: str | None = None  # warm start: the champion's student folder
+    previous: str | None = None  # the last month's dump date: what is new or changed is judged against it
 
     def to_xcom(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +170,16 @@ def examples_key(p: RunParams) -> str:
     return f"{corpus_key(p)}/{p.max_seq_length}-{p.max_predictions_per_seq}-{p.dupe_factor}"
 
 
+def month_run(plan: Plan, date: str) -> str:
+    """The run folder of another month of the same wiki: its folders below have the same keys."""
+    return _join(plan.run.rsplit("/", 1)[0], f"{plan.params.wiki}-{date}")
+
+
+def in_month(plan: Plan, uri: str, date: str) -> str:
+    """This month's folder `uri`, the same folder in another month's run."""
+    return month_run(plan, date) + uri.removeprefix(plan.run)
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
@@ -183,13 +194,14 @@ def _key(values: dict[str, Any]) -> str:
 
 
 def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes: int | None = None,
-              max_map_length: int = MAX_MAP_LENGTH, champion: str | None = None) -> Plan:
+              max_map_length: int = MAX_MAP_LENGTH, champion: str | None = None, previous: str | None = None) -> Plan:
     """Everything later tasks need: URIs and keys, from which each step's arguments follow.
 
     `dump_bytes` (the selected files' compressed size, from dumpstatus.json) raises the train
     shard count to keep each shard under the deployment's target size (`sized`). `champion` (the
     current champion's student folder) is where a warm start begins; without one a warm start
-    starts cold."""
+    starts cold. `previous` (the date of last month, whose text has these settings) adds the
+    temporal held-out split: articles new or changed since then."""
     p = full_params(params, max_map_length)
     wanted = sized(p, dump_bytes, int(settings.shard_target_mb))
     if wanted.train_shards != p.train_shards:
@@ -222,20 +234,21 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
                 text=_join(run, "text", corpus_key(p)), examples=examples,
                 teacher_source=teacher_source, model_name=model_name, teacher=teacher, adapted_teacher=adapted,
                 student=student, report=_join(student, "report"),
-                published=_join(student, "published", FOLDER_MANIFEST), init_from=init_from)
+                published=_join(student, "published", FOLDER_MANIFEST), init_from=init_from, previous=previous)
 
 
-def train_labels_per_shard(p: RunParams) -> int:
-    """How many examples of each train shard distill will read: train steps x global batch over the
-    shards of one Horovod group (ranks groups split the shards; the smallest group has
-    train_shards // ranks of them). Labelling more would be teacher time nobody trains on."""
-    return -(-p.train_steps * p.batch_size // (p.train_shards // p.ranks))
+def train_labels_per_shard(plan: Plan) -> int:
+    """How many examples of each train shard distill will read: its steps (fewer when warm-started)
+    x global batch over the shards of one Horovod group (ranks groups split the shards; the smallest
+    group has train_shards // ranks of them). Labelling more would be teacher time nobody trains on."""
+    p = plan.params
+    return -(-train_steps(plan) * p.batch_size // (p.train_shards // p.ranks))
 
 
 def labels_folder(plan: Plan, teacher: str) -> str:
     p = plan.params
     return _join(plan.run, "labels", examples_key(p),
-                 f"{_last(teacher)}-k{p.top_k}-n{train_labels_per_shard(p)}")
+                 f"{_last(teacher)}-k{p.top_k}-n{train_labels_per_shard(plan)}")
 
 
 # -- arguments of each step (after `bertdistill`) ---------------------------------------------
@@ -257,18 +270,27 @@ def articles_folder(plan: Plan, dump_file: str) -> str:
     return _join(plan.articles, dump_file.split(".xml")[0])
 
 
-def build_corpus_args(plan: Plan, dump_files: list[str]) -> list[str]:
-    """The articles of these dump files only: a trial on the first N never reads the full run's others."""
+def build_corpus_args(plan: Plan, dump_files: list[str], previous_articles: list[str] = ()) -> list[str]:
+    """The articles of these dump files only: a trial on the first N never reads the full run's others.
+    `previous_articles` (last month's, as its text manifest lists them) adds the temporal split."""
     p = plan.params
+    previous = ["--previous", *previous_articles] if previous_articles else []
     return ["build-corpus", "--input", *[articles_folder(plan, n) for n in dump_files], "--output", plan.text,
-            "--train-shards", str(p.train_shards), "--heldout-shards", str(p.heldout_shards), *_force(plan)]
+            "--train-shards", str(p.train_shards), "--heldout-shards", str(p.heldout_shards), *previous,
+            *_force(plan)]
+
+
+TEMPORAL_SHARD = "temporal/shard-00000"  # build-corpus' one temporal held-out shard
 
 
 def text_shards(plan: Plan) -> list[str]:
-    """Shard names ('train/shard-00000') the build-corpus settings produce."""
+    """Shard names ('train/shard-00000') the build-corpus settings produce; a month with a month before it
+    also has the temporal held-out shard (its new and changed articles that stay out of training)."""
     p = plan.params
     return ([f"train/shard-{i:05d}" for i in range(p.train_shards)]
-            + [f"heldout/shard-{i:05d}" for i in range(p.heldout_shards)])
+            + [f"heldout/shard-{i:05d}" for i in range(p.heldout_shards)]
+            + ([TEMPORAL_SHARD] if plan.previous else []))
+
 
 
 def make_examples_args(plan: Plan, vocab_file: str) -> list[list[str]]:
@@ -293,7 +315,8 @@ def adapt_teacher_args(plan: Plan) -> list[str]:
 def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
     """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads."""
     labels = labels_folder(plan, teacher)
-    cap = {"train": train_labels_per_shard(plan.params), "heldout": default(EvaluateParams, "max_examples")}
+    heldout = default(EvaluateParams, "max_examples")
+    cap = {"train": train_labels_per_shard(plan), "heldout": heldout, "temporal": heldout}
     return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
              "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan.params.top_k),
              "--max-examples", str(cap[s.split("/")[0]]), *_force(plan)]
@@ -330,9 +353,10 @@ def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
 
 def evaluate_args(plan: Plan, teacher: str) -> list[str]:
     control = ["--control", control_folder(plan)] if plan.params.control else []
+    temporal = ["--temporal", _join(labels_folder(plan, teacher), "temporal")] if plan.previous else []
     return ["evaluate", "--teacher", teacher, "--student", plan.student, "--heldout",
             _join(labels_folder(plan, teacher), "heldout"), "--output", plan.report,
-            "--top-k", str(plan.params.top_k), "--champion", plan.model_name, *control, *_force(plan)]
+            "--top-k", str(plan.params.top_k), "--champion", plan.model_name, *control, *temporal, *_force(plan)]
 
 
 def publish_args(plan: Plan) -> list[str]:

@@ -60,11 +60,14 @@ def check_dump(params: dict[str, Any], settings: Settings | None = None, as_of: 
     p = planning.full_params(params, limit)
     date, status = resolve_date(Mirror(settings.mirror), p.wiki, p.date, as_of)
     plan = planning.make_plan(params, settings, date, selected_bytes(status, p.max_dump_files), limit)
+    champion = champion_student(plan.model_name, settings) if p.warm_start else None
     if p.warm_start:
-        champion = champion_student(plan.model_name, settings)
-        plan = planning.make_plan(params, settings, date, selected_bytes(status, p.max_dump_files), limit, champion)
         log.info("warm start: %s", f"from {champion}" if champion else f"no champion of {plan.model_name} yet, so "
                  "the student starts cold")
+    previous = previous_month(plan)
+    if champion or previous:
+        plan = planning.make_plan(params, settings, date, selected_bytes(status, p.max_dump_files), limit, champion,
+                                  previous)
     if plan.params.train_shards != p.train_shards:
         log.info("%d train shards instead of %d: this dump would give shards over %s MB of examples",
                  plan.params.train_shards, p.train_shards, settings.shard_target_mb)
@@ -93,6 +96,38 @@ def champion_student(model_name: str, settings: Settings) -> str | None:
         return None
     export = version.tags.get("bertdistill.export")
     return export.removesuffix("/export") if export else None
+
+
+def earlier_months(plan: Plan) -> list[str]:
+    """Dates of this wiki's dumps fetched into the store before this one, newest first."""
+    from bertdistill.store import open_folder
+
+    dumps = open_folder(plan.dump_folder.rsplit("/", 1)[0])
+    dates = {name.split("/", 1)[0] for name in dumps.list() if "/" in name}
+    return sorted((d for d in dates if d < plan.date), reverse=True)
+
+
+def previous_month(plan: Plan) -> str | None:
+    """The date of the newest earlier month whose text was built with these settings: build-corpus
+    compares this month's articles with its own to find what is new or changed (the temporal held-out)."""
+    return next((d for d in earlier_months(plan) if _manifest(planning.in_month(plan, plan.text, d))), None)
+
+
+def reusable_adapted_teacher(plan: Plan) -> str | None:
+    """An earlier month's adapted teacher of the same teacher, settings and kind of examples, when the
+    fetched teacher is still the one it was adapted from: fitting the head again on this month's
+    text would cost adapt-teacher's whole run to end near the same place (`force` refits)."""
+    from bertdistill.manifest import input_fingerprint
+
+    if plan.params.force:
+        return None
+    teacher = f"{plan.teacher} {input_fingerprint(plan.teacher)}"
+    for date in earlier_months(plan):
+        folder = planning.in_month(plan, plan.adapted_teacher, date)
+        manifest = _manifest(folder)
+        if manifest and manifest.inputs.get("teacher") == teacher:
+            return folder
+    return None
 
 
 def max_map_length() -> int:
@@ -141,9 +176,15 @@ def dump_files(plan: Plan | dict) -> list[list[str]]:
 
 
 def corpus(plan: Plan | dict) -> list[str]:
-    """build-corpus over exactly the articles of those files."""
+    """build-corpus over exactly the articles of those files, compared with the previous month's
+    articles (those its text was built from) when there is one."""
     plan = as_plan(plan)
-    return planning.build_corpus_args(plan, _fetched(plan))
+    previous = []
+    if plan.previous:
+        text = _manifest(planning.in_month(plan, plan.text, plan.previous))
+        previous = [value.split(" ", 1)[0] for role, value in sorted(text.inputs.items())
+                    if role.startswith("articles")]
+    return planning.build_corpus_args(plan, _fetched(plan), previous)
 
 
 def _fetched(plan: Plan) -> list[str]:
@@ -160,18 +201,28 @@ def example_shards(plan: Plan | dict) -> list[list[str]]:
 
 
 def teacher_needs_head(plan: Plan | dict) -> bool:
-    """True when the fetched teacher has no masked-LM head: adapt_teacher fits one."""
+    """True when the fetched teacher has no masked-LM head and no earlier month fitted one with these
+    settings: adapt_teacher fits one."""
     plan = as_plan(plan)
     manifest = _manifest(plan.teacher)
     if manifest is None:
         raise RuntimeError(f"{plan.teacher} has no manifest: fetch_teacher did not finish")
-    return "mlm" not in manifest.summary.get("heads", [])
+    if "mlm" in manifest.summary.get("heads", []):
+        return False
+    if _manifest(plan.adapted_teacher):  # this month's, made before (adapt-teacher finds it done)
+        return True
+    reused = reusable_adapted_teacher(plan)
+    if reused:
+        log.info("adapt_teacher skipped: %s fitted the head with these settings on the same teacher", reused)
+    return reused is None
 
 
 def teacher_ready(plan: Plan | dict) -> dict[str, Any]:
-    """Label, distill and evaluate with the adapted teacher when adapt_teacher made one, else the fetched one."""
+    """Label, distill and evaluate with the adapted teacher this month made, else an earlier month's
+    adapted with the same settings, else the fetched one (a teacher with its own head)."""
     plan = as_plan(plan)
-    teacher = plan.adapted_teacher if _manifest(plan.adapted_teacher) else plan.teacher
+    teacher = (plan.adapted_teacher if _manifest(plan.adapted_teacher) else None) or \
+        reusable_adapted_teacher(plan) or plan.teacher
     return {"teacher": teacher, "evaluate": planning.evaluate_args(plan, teacher)}
 
 

@@ -19,6 +19,10 @@ same held-out positions and timed in the same rounds: the fp32 export must repro
 logits within 1e-4, and the int8 one is marked for serving when it loses at most half a point of
 fp32's top-1.
 
+With `--temporal` (the labelled examples of the articles new or changed since last month that
+build-corpus kept out of training), every model is also scored there: the report's `temporal`
+says whether this month's student learnt what changed better than last month's champion.
+
 Output: report.json, report.png and onnx/ (model.onnx, model.int8.onnx) in the output folder.
 """
 
@@ -60,6 +64,8 @@ class EvaluateParams:
     champion: str | None = flag(None, metavar="MODEL_NAME", help="registered model whose current champion is "
                                 "scored on the same held-out examples when its vocab and sequence length match "
                                 "(publish then decides on those figures)")
+    temporal: str | None = flag(None, help="folder URI of the temporal held-out labelled shard (articles new or "
+                                "changed since last month, kept out of training): every model is scored there too")
     top_k: int = flag(TOP_K, minimum=1, help="k the labels must have been made with")
     batch_size: int = flag(64, minimum=1, help="examples per evaluation batch")
     max_examples: int = flag(50_000, help="evaluate on the first N held-out examples (0: all); the default bounds "
@@ -72,7 +78,7 @@ class EvaluateParams:
 def run(params: EvaluateParams) -> Manifest:
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in params.__dict__.items() if k not in ("teacher", "student", "heldout", "output",
-                                                                        "control", "champion", "force")}
+                                                                        "control", "champion", "temporal", "force")}
     fingerprint["schema"] = 4
     champion = current_champion(params.champion) if params.champion else None
     if champion is not None:  # a new champion since the last report makes it stale
@@ -80,6 +86,8 @@ def run(params: EvaluateParams) -> Manifest:
     inputs = {"teacher": params.teacher, "student": params.student, "heldout": params.heldout}
     if params.control:
         inputs["control"] = params.control
+    if params.temporal:
+        inputs["temporal"] = params.temporal
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
@@ -97,13 +105,11 @@ def run(params: EvaluateParams) -> Manifest:
             if student_vocab.sha256 != vocab.sha256:
                 raise StepError(f"{role} {uri} uses another vocab than teacher {params.teacher}")
             students[role] = (config, weights)
-        folder = open_folder(params.heldout)
-        names = [n for n in folder.list() if n.endswith(".tfrecord")]
-        if not names:
-            raise StepError(f"{params.heldout} holds no labelled .tfrecord shards: label the held-out split first")
-        info = open_labels(folder.child_uri(names[0]), vocab.sha256, params.top_k)
-        for name in names[1:]:
-            open_labels(folder.child_uri(name), vocab.sha256, params.top_k)
+        paths = labelled_shards(params.heldout, "held-out")
+        info = open_labels(paths[0], vocab.sha256, params.top_k)
+        temporal = labelled_shards(params.temporal, "temporal held-out") if params.temporal else []
+        for path in paths[1:] + temporal:
+            open_labels(path, vocab.sha256, params.top_k)
         if champion is not None and champion["export"] != open_folder(params.student).child_uri("export"):
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
                 with staged_teacher(champion["export"]) as local:
@@ -113,8 +119,7 @@ def run(params: EvaluateParams) -> Manifest:
                          params.champion, champion["version"])
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             onnx_files = export_onnx(*students["student"], Path(tmp) / ONNX)
-            paths = [folder.child_uri(n) for n in names]  # streamed from the store by tfdata.records
-            report = evaluate(students, teacher_config, teacher_weights, paths, info, params, onnx_files)
+            report = evaluate(students, teacher_config, teacher_weights, paths, info, params, onnx_files, temporal)
             if "champion" in report:
                 report["champion"]["version"] = champion["version"]
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -133,9 +138,20 @@ def run(params: EvaluateParams) -> Manifest:
               f"-> {output.uri}\nevaluate: ONNX int8 top-1 {o['int8']['mlm_accuracy']:.2%} vs fp32 "
               f"{o['fp32']['mlm_accuracy']:.2%} ({o['int8_minus_fp32_points']:+.2f} points; serves {o['serves']}); "
               f"{report['speedup_int8_with_mlm_head']:.2f}x the teacher's speed\nevaluate: {report['verdict']}")
+        if "temporal" in report:
+            print(f"evaluate: {report['temporal']['verdict']}")
         return report | {"parent_metrics": headline(report), "parent_tags": {"verdict": report["verdict"]}}
 
     return run_step("evaluate", fingerprint, inputs, output, work, force=params.force)
+
+
+def labelled_shards(uri: str, what: str) -> list[str]:
+    """The labelled shards of a folder, as URIs (tfdata streams them from the store)."""
+    folder = open_folder(uri)
+    names = [n for n in folder.list() if n.endswith(".tfrecord")]
+    if not names:
+        raise StepError(f"{uri} holds no labelled .tfrecord shards: label the {what} split first")
+    return [folder.child_uri(n) for n in names]
 
 
 def export_onnx(config, weights, folder: Path) -> dict[str, Path]:
@@ -163,9 +179,10 @@ def onnx_parity(model, session, batch) -> float:
 
 
 def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
-             params: EvaluateParams, onnx_files: dict[str, Path] | None = None) -> dict:
+             params: EvaluateParams, onnx_files: dict[str, Path] | None = None, temporal: list[str] = ()) -> dict:
     """students: role ("student", and "control" when given) -> (config, weights); onnx_files: the
-    student's ONNX exports (precision -> file), scored and timed beside it."""
+    student's ONNX exports (precision -> file), scored and timed beside it; temporal: the temporal
+    held-out shards, where every model's top-1 is scored too."""
     import tensorflow as tf
 
     from bertdistill import onnx_model
@@ -262,6 +279,8 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
     report["max_seq_length"] = L
     report["latency_batch"] = params.latency_batch
     report["verdict"] = verdict(report)
+    if temporal:
+        report["temporal"] = temporal_scores(predictors, temporal, (L, P, k), params)
     timed = latency({"student": models["student"], "teacher": teacher}, params.latency_batch, L, P, sessions)
     for name, figures in timed.items():
         report.setdefault(name, {}).update(figures)
@@ -272,6 +291,42 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
         report["speedup_int8_with_mlm_head"] = (report["teacher"]["latency_mlm_s"]
                                                 / report["onnx"]["int8"]["latency_mlm_s"])
     return report
+
+
+def temporal_scores(predictors: dict, paths: list[str], shape: tuple[int, int, int], params: EvaluateParams) -> dict:
+    """Top-1 of every model (the teacher from its labels) on the temporal held-out, the student's gain
+    over the champion and the control there, and a sentence saying whether this month taught it what changed."""
+    from bertdistill.tfdata import labelled_dataset
+
+    hits: dict[str, list[np.ndarray]] = {"teacher": []}
+    seen = 0
+    for batch in labelled_dataset(paths, *shape, params.batch_size):
+        real = batch["masked_lm_weights"].numpy() > 0
+        y = batch["masked_lm_ids"].numpy()[real]
+        hits["teacher"].append(batch["teacher_topk_ids"].numpy()[..., 0][real] == y)
+        for role, predict in predictors.items():
+            hits.setdefault(role, []).append(predict(batch)[0].numpy()[real] == y)
+        seen += len(real)
+        if params.max_examples and seen >= params.max_examples:
+            break
+    correct = {role: np.concatenate(parts) for role, parts in hits.items()}
+    out: dict = {"examples": seen, "positions": len(correct["teacher"])}
+    out |= {role: {"mlm_accuracy": float(c.mean())} for role, c in correct.items()}
+    for role, key in (("control", "distillation_gain"), ("champion", "gain_over_champion")):
+        if role in correct:
+            gain, low, high = paired_gain(correct["student"], correct[role])
+            out[key] = {"mlm_accuracy": gain, "ci95_low": low, "ci95_high": high}
+    s = out["student"]["mlm_accuracy"]
+    if "champion" in out:
+        c, g = out["champion"]["mlm_accuracy"], out["gain_over_champion"]
+        words = ("learnt what changed better than" if g["ci95_low"] > 0 else "knows what changed less well than"
+                 if g["ci95_high"] < 0 else "is not measurably better on what changed than")
+        out["verdict"] = (f"On the {out['positions']:,} masked positions of articles new or changed since last month "
+                          f"(held out of training), the student ({s:.1%}) {words} last month's champion ({c:.1%}).")
+    else:
+        out["verdict"] = (f"On the {out['positions']:,} masked positions of articles new or changed since last month "
+                          f"(held out of training) the student scores {s:.1%}; no champion was scored there.")
+    return out
 
 
 def onnx_report(report: dict, col: dict[str, np.ndarray], parity: float, files: dict[str, Path]) -> dict:
@@ -371,6 +426,9 @@ def headline(report: dict) -> dict[str, float]:
                 "distillation_gain": report["distillation_gain"]["mlm_accuracy"],
                 "distillation_gain_ci95_low": report["distillation_gain"]["ci95_low"],
                 "distillation_gain_ci95_high": report["distillation_gain"]["ci95_high"]}
+    temporal = report.get("temporal", {})
+    out |= {f"temporal_{role}_mlm_accuracy": temporal[role]["mlm_accuracy"]
+            for role in ("student", "control", "teacher", "champion") if role in temporal}
     return out
 
 
