@@ -63,6 +63,8 @@ def main() -> None:
     from bertdistill.bert.model import Bert
     from bertdistill.device import accelerator
     from bertdistill.sample import make_sample
+    from bertdistill.steps.fetch_teacher import FetchTeacherParams
+    from bertdistill.steps.fetch_teacher import run as fetch_teacher
     from bertdistill.steps.label_teacher import LabelTeacherParams, run
     from bertdistill.steps.make_examples import MakeExamplesParams
     from bertdistill.steps.make_examples import run as make_examples
@@ -78,10 +80,11 @@ def main() -> None:
             model = Bert(config)
             model.assign({k: v for k, v in read_hf_weights(sample / "minilm" / "model.safetensors").items()
                           if k in model.weights})
-            save_teacher(teacher, config, model.numpy_weights(), sample / "vocab.txt")
+            save_teacher(work / "made-elsewhere", config, model.numpy_weights(), sample / "vocab.txt")
+            # label-teacher reads only a teacher fetch-teacher committed
+            fetch_teacher(FetchTeacherParams(output=str(teacher), source=str(work / "made-elsewhere")))
         config = load_teacher(teacher, str(teacher))[0]
-        text = work / "text.txt"
-        text.write_text(_sample_text(work), encoding="utf-8")
+        text = _sample_text(work)
         examples = work / "examples" / "shard.tfrecord"
         make_examples(MakeExamplesParams(input=str(text), output=str(examples), vocab_file=str(sample / "vocab.txt"),
                                          dupe_factor=1))
@@ -129,7 +132,8 @@ def steady_examples_per_second(teacher: Path, examples: Path, batch_size: int, d
     return batch_size * (len(batches) - 1) / (time.perf_counter() - started)
 
 
-def _sample_text(work: Path) -> str:
+def _sample_text(work: Path) -> Path:
+    """The sample as one text shard, made by extract and build-corpus (make-examples reads only theirs)."""
     from tests.conftest import SAMPLE_DUMP_NAME
 
     from bertdistill.steps.build_corpus import BuildCorpusParams
@@ -141,7 +145,7 @@ def _sample_text(work: Path) -> str:
     extract(ExtractParams(input=str(sample / SAMPLE_DUMP_NAME), output=str(work / "articles")))
     build_corpus(BuildCorpusParams(input=[str(work / "articles")], output=str(work / "corpus"), train_shards=1,
                                    heldout_shards=0))
-    return (work / "corpus" / "train" / "shard-00000.txt").read_text(encoding="utf-8")
+    return work / "corpus" / "train" / "shard-00000.txt"
 
 
 def _truncate_records(path: Path, limit: int) -> None:

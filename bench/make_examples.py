@@ -101,12 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--google", action="store_true", help="also time Google's create_pretraining_data.py")
     args = parser.parse_args()
+    from tests.conftest import commit_as
+
     vocab = ROOT / "data" / "sample" / "vocab.txt"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         text = sample_text(work)
-        big = work / "big.txt"
+        big = work / "big" / "train" / "shard-00000.txt"
+        big.parent.mkdir(parents=True)
         big.write_text(text.read_text(encoding="utf-8") * 10, encoding="utf-8")
+        commit_as("build-corpus", work / "big")  # make-examples reads only a text shard build-corpus committed
         print(f"sample text {text.stat().st_size / 1e6:.1f} MB; large text {big.stat().st_size / 1e6:.1f} MB; "
               f"{psutil.cpu_count()} CPUs")
         ours(text, work / "warmup.tfrecord", vocab, 1)  # page cache, .pyc files

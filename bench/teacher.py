@@ -45,11 +45,15 @@ def main() -> None:
             gelu, steps, lr, *heads = variant.split(":")
             teacher = Path(tmp) / f"teacher-{gelu}"
             if not teacher.exists():
-                shutil.copytree(args.teacher, teacher)
-                (teacher / "_MANIFEST.json").unlink(missing_ok=True)
-                config = json.loads((teacher / "bert_config.json").read_text())
+                edited = Path(tmp) / f"edited-{gelu}"
+                shutil.copytree(args.teacher, edited)
+                config = json.loads((edited / "bert_config.json").read_text())
                 config["hidden_act"] = {"exact": "gelu", "tanh": "gelu_new"}[gelu]
-                (teacher / "bert_config.json").write_text(json.dumps(config))
+                (edited / "bert_config.json").write_text(json.dumps(config))
+                # an edited teacher is one made elsewhere: adapt-teacher reads only one fetch-teacher committed
+                subprocess.run([sys.executable, "-m", "bertdistill.cli", "fetch-teacher", "--source", str(edited),
+                                "--output", str(teacher), "--log-level", "WARNING"], check=True,
+                               stdout=subprocess.DEVNULL)
             out = Path(tmp) / variant.replace(":", "-")
             command = [sys.executable, "-m", "bertdistill.cli", "adapt-teacher", "--teacher", str(teacher),
                        "--examples", str(examples[-1]), "--output", str(out), "--steps", steps, "--learning-rate",

@@ -56,7 +56,9 @@ def main() -> None:
         model = Bert(config)
         model.assign({k: v for k, v in read_hf_weights(sample / "minilm" / "model.safetensors").items()
                       if k in model.weights})
-        save_teacher(work / "teacher", config, model.numpy_weights(), sample / "vocab.txt")
+        save_teacher(work / "made-elsewhere", config, model.numpy_weights(), sample / "vocab.txt")
+        # the steps read only a teacher fetch-teacher committed
+        cli("fetch-teacher", "--source", str(work / "made-elsewhere"), "--output", str(work / "teacher"))
         cli("extract", "--input", str(sample / SAMPLE_DUMP_NAME), "--output", str(work / "articles"))
         cli("build-corpus", "--input", str(work / "articles"), "--output", str(work / "text"), "--train-shards", "2",
             "--heldout-shards", "0")

@@ -61,6 +61,25 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
+def commit_as(step: str, folder: str | os.PathLike) -> None:
+    """Commit the files a test wrote into `folder` as `step` commits its output: run_step lists them
+    in the folder's manifest, written last. For inputs no step makes from the sample (a few handwritten
+    articles, a subset of them, last month's edits), since a step reads another step's output only
+    once that step has committed it (manifest.committed_input)."""
+    from bertdistill.manifest import is_manifest, run_step
+    from bertdistill.store import open_folder
+
+    out = open_folder(folder)
+
+    def work(writer) -> dict:
+        for name in out.list():
+            if not is_manifest(name):
+                writer.adopt(name)
+        return {}
+
+    run_step(step, {"made_by": "a test"}, {}, out, work)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory, sample_dump: Path) -> Path:
     """The sample extracted and split into 2 train + 1 held-out shards, made once."""
@@ -196,8 +215,11 @@ def tiny_teacher(tmp_path_factory, sample):
     model = Bert(config, seed=1)
     embeddings = read_hf_weights(sample / "minilm" / "model.safetensors")
     model.assign({"bert/embeddings/word_embeddings": embeddings["bert/embeddings/word_embeddings"]})
-    folder = tmp_path_factory.mktemp("tiny") / "teacher"
-    save_teacher(folder, config, model.numpy_weights(), sample / "vocab.txt")
+    made_elsewhere = tmp_path_factory.mktemp("tiny") / "made-elsewhere"
+    save_teacher(made_elsewhere, config, model.numpy_weights(), sample / "vocab.txt")
+    # brought in as any teacher made outside the steps: the steps read only one fetch-teacher committed
+    folder = made_elsewhere.parent / "teacher"
+    run_cli("fetch-teacher", "--source", str(made_elsewhere), "--output", str(folder), check=True)
     return folder
 
 

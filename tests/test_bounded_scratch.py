@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bertdistill.store import open_folder
-from tests.conftest import _s3_client, run_cli
+from tests.conftest import _s3_client, commit_as, run_cli
 from tests.scratch_peak import ScratchPeak
 
 pytestmark = pytest.mark.s3
@@ -30,6 +30,7 @@ def test_build_corpus_on_s3_holds_a_part_per_shard_not_the_corpus(s3_env, s3_pre
     bucket, _, prefix = s3_prefix.removeprefix("s3://").partition("/")
     _s3_client(s3_env).put_object(Bucket=bucket, Key=f"{prefix}/articles/part-00000.jsonl.gz",
                                   Body=_articles(corpus, copies))
+    commit_as("extract", f"{s3_prefix}/articles")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {**s3_env, "BERTDISTILL_SCRATCH": str(scratch), "BERTDISTILL_UPLOAD_PART_MB": str(PART_MB)}

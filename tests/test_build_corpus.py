@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bertdistill.steps.build_corpus import shard_of, split_sentences
-from tests.conftest import error_lines, run_cli
+from tests.conftest import commit_as, error_lines, run_cli
 
 
 def _docs(path: Path) -> list[list[str]]:
@@ -45,6 +45,7 @@ def test_split_is_stable_when_the_dump_grows(corpus, tmp_path):
         lines = f.readlines()
     with gzip.open(small / "part-00000.jsonl.gz", "wt") as f:
         f.writelines(lines[::2])
+    commit_as("extract", small)
     run_cli("build-corpus", "--input", str(small), "--output", str(tmp_path / "text"),
             "--train-shards", "2", "--heldout-shards", "1", check=True)
     for shard in sorted((tmp_path / "text").glob("*/shard-*.txt")):
@@ -69,6 +70,7 @@ def test_several_article_folders_read_as_one_and_nothing_beside_them(corpus, tmp
         (tmp_path / "articles" / name).mkdir(parents=True)
         with gzip.open(tmp_path / "articles" / name / "part-00000.jsonl.gz", "wt") as f:
             f.writelines(part)
+        commit_as("extract", tmp_path / "articles" / name)
     both = tmp_path / "both"
     run_cli("build-corpus", "--input", str(tmp_path / "articles" / "file1"), str(tmp_path / "articles" / "file2"),
             "--output", str(both), "--train-shards", "2", "--heldout-shards", "1", check=True)
@@ -91,6 +93,7 @@ def test_new_and_changed_articles_are_split_between_training_and_the_temporal_sh
     with gzip.open(last / "part-00000.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(a) + "\n" for a in kept + [a | {"text": a["text"] + "\nAn old sentence."}
                                                            for a in edited])
+    commit_as("extract", last)
     proc = run_cli("build-corpus", "--input", str(corpus / "articles"), "--output", str(tmp_path / "text"),
                    "--train-shards", "2", "--heldout-shards", "1", "--previous", str(last), check=True)
     text = tmp_path / "text"

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from bertdistill import children
-from tests.conftest import run_cli
+from tests.conftest import commit_as, run_cli
 
 pytestmark = pytest.mark.slow  # steps killed and rerun as processes
 
@@ -164,6 +164,7 @@ def test_build_corpus(corpus, tmp_path):
     articles.mkdir()
     for i in range(4):  # four parts, so the step runs long enough to be caught mid-way
         shutil.copyfile(corpus / "articles" / "part-00000.jsonl.gz", articles / f"part-{i:05d}.jsonl.gz")
+    commit_as("extract", articles)
     def args(out: Path) -> list[str]:
         return ["build-corpus", "--input", str(articles), "--output", str(out),
                 "--train-shards", "3", "--heldout-shards", "1"]

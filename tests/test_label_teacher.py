@@ -175,7 +175,7 @@ def test_teacher_steps_on_s3(s3_env, s3_prefix, tmp_path, sample, tiny_teacher, 
     run_cli("fetch-teacher", "--source", str(sample / "minilm"), "--output", f"{s3_prefix}/teachers/minilm",
             env=env, check=True)
     assert json.loads(store.read_bytes("teachers/minilm/_MANIFEST.json"))["summary"]["heads"] == ["pooler"]
-    for name in ("bert_config.json", "vocab.txt", "model.safetensors"):
+    for name in ("bert_config.json", "vocab.txt", "model.safetensors", "_MANIFEST.json"):  # a finished teacher
         store.write_bytes(f"teachers/tiny/{name}", (tiny_teacher / name).read_bytes())
     for f in small_examples.parent.iterdir():
         store.write_bytes(f"examples/{f.name}", f.read_bytes())

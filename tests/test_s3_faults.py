@@ -42,7 +42,8 @@ def test_build_corpus_and_make_examples_through_resets_give_the_same_bytes(s3_en
     direct = _s3_client(s3_env)
     bucket, _, prefix = s3_prefix.removeprefix("s3://").partition("/")
     part = corpus / "articles" / "part-00000.jsonl.gz"
-    direct.put_object(Bucket=bucket, Key=f"{prefix}/articles/part-00000.jsonl.gz", Body=part.read_bytes())
+    for name in ("part-00000.jsonl.gz", "_MANIFEST.json"):  # extract's finished output
+        direct.put_object(Bucket=bucket, Key=f"{prefix}/articles/{name}", Body=(part.parent / name).read_bytes())
     direct.put_object(Bucket=bucket, Key=f"{prefix}/vocab.txt", Body=(sample / "vocab.txt").read_bytes())
     env = {**s3_env, "BERTDISTILL_S3_ENDPOINT_URL": proxy.url, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
     for run in range(10):
@@ -96,7 +97,8 @@ def test_a_dead_endpoint_mid_read_is_one_transient_error_line(s3_env, s3_prefix,
     direct = _s3_client(s3_env)
     bucket, _, prefix = s3_prefix.removeprefix("s3://").partition("/")
     part = corpus / "articles" / "part-00000.jsonl.gz"
-    direct.put_object(Bucket=bucket, Key=f"{prefix}/articles/part-00000.jsonl.gz", Body=part.read_bytes())
+    for name in ("part-00000.jsonl.gz", "_MANIFEST.json"):  # extract's finished output
+        direct.put_object(Bucket=bucket, Key=f"{prefix}/articles/{name}", Body=(part.parent / name).read_bytes())
     proxy.reset_after(300_000, times=1)
     proxy.die_on_cut = True
     env = {**s3_env, "BERTDISTILL_S3_ENDPOINT_URL": proxy.url, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
@@ -136,7 +138,8 @@ def test_build_corpus_through_a_link_that_resets_every_connection_gives_the_same
     """Every connection reset after 500,000 bytes (less than the article part): build-corpus on
     the sample completes, byte-identical."""
     part = corpus / "articles" / "part-00000.jsonl.gz"
-    _put(s3_env, s3_prefix, "articles/part-00000.jsonl.gz", part.read_bytes())
+    for name in ("part-00000.jsonl.gz", "_MANIFEST.json"):  # extract's finished output
+        _put(s3_env, s3_prefix, f"articles/{name}", (part.parent / name).read_bytes())
     assert part.stat().st_size > 500_000
     env = {**s3_env, "BERTDISTILL_S3_ENDPOINT_URL": proxy.url, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
     proxy.reset_every(500_000)

@@ -19,6 +19,7 @@ from bertdistill.manifest import FOLDER_MANIFEST, read_manifest
 from bertdistill.records import read_pretraining
 from bertdistill.steps import build_corpus, make_examples
 from bertdistill.store import open_folder
+from tests.conftest import commit_as
 
 ARTICLES = [
     {"id": str(i), "title": f"Town {i}", "url": f"https://en.wikipedia.org/wiki?curid={i}",
@@ -30,9 +31,11 @@ WORDS = sorted({w.strip(".").lower() for a in ARTICLES for w in a["text"].split(
 
 
 def _articles(folder: Path, articles: list[dict]) -> str:
+    """An articles folder as extract commits it (its part, then its manifest)."""
     folder.mkdir(parents=True)
     with gzip.open(folder / "part-00000.jsonl.gz", "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(a) + "\n" for a in articles)
+    commit_as("extract", folder)
     return str(folder)
 
 

@@ -8,6 +8,9 @@ and skips. That is what makes an Airflow retry or the monthly refresh cheap and 
 A step that fills a whole folder writes `<folder>/_MANIFEST.json`; a step that writes one
 file of a shared folder (one shard of many, written by parallel tasks) writes
 `<folder>/_MANIFEST.<file>.json` beside it, so shards commit independently.
+
+The same presence is what a reader asks for: a step reads another step's output only once that
+step has committed it (committed_input), so the files an interrupted run left are never read.
 """
 
 from __future__ import annotations
@@ -67,6 +70,57 @@ def read_manifest(folder: Folder, name: str = FOLDER_MANIFEST) -> Manifest | Non
     except (ValueError, TypeError) as exc:
         log.warning("ignoring unreadable manifest %s: %s", folder.child_uri(name), exc)
         return None
+
+
+def committed_input(uri: str, steps: str | tuple[str, ...], *, per_file: bool = False, below: int = 0,
+                    hint: str = "") -> Manifest:
+    """The manifest of the step that made input `uri`, refused unless that step committed it.
+
+    run_step commits a step's files one by one and its manifest last, so files without their
+    manifest are an unfinished run's: a step killed mid-way, or one whose clean-up could not reach
+    the store (an S3 endpoint gone while build-corpus uploads a shard leaves the shards it had
+    finished). The DAG's task order alone kept readers off them; a step run by hand met them. So
+    every step reads another step's output through here.
+
+    Where the manifest lies (docs/architecture.md, "Store layout"): with `per_file`, the file is one
+    of a shared folder and `_MANIFEST.<file>.json` lies beside it (make-examples, label-teacher);
+    else `uri` lies `below` levels under the folder the step filled, whose `_MANIFEST.json` must
+    list it (0: `uri` is that folder; build-corpus's `<text>/train/shard-N.txt`: 2; distill's
+    `<student>/export`: 1). `hint` ends the message (what else may help).
+    """
+    steps = (steps,) if isinstance(steps, str) else steps
+    makers = " or ".join(steps)
+    folder, name = split_uri(uri) if per_file else _made_in(uri, below)
+    mname = manifest_name(name) if per_file else FOLDER_MANIFEST
+    manifest = read_manifest(folder, mname)
+    if manifest is None:
+        if not _exists(folder, name):
+            raise StepError(f"input {uri} does not exist: check the URI, or run {makers} to make it")
+        where = "it" if not (per_file or below) else folder.uri
+        raise StepError(f"{uri} is not a finished {makers} output: {where} has no {mname} (written last, once "
+                        f"every file is committed), so what is there may be partial; run {makers} again{hint}")
+    if manifest.step not in steps:
+        raise StepError(f"{uri} was made by {manifest.step} ({folder.child_uri(mname)}), not by {makers}: "
+                        f"give an output of {makers}{hint}")
+    if name and not any(n == name or n.startswith(f"{name}/") for n in manifest.outputs):
+        raise StepError(f"{uri} is not among the files {manifest.step} committed ({folder.child_uri(mname)} does "
+                        f"not list it): it is left from another run; give one it lists, or run {makers} again")
+    return manifest
+
+
+def _made_in(uri: str, below: int) -> tuple[Folder, str]:
+    """(the folder a step filled, the name of `uri` in it) for a file or folder `below` levels under it."""
+    head, names = uri.rstrip("/"), []
+    for _ in range(below):
+        head, _, name = head.rpartition("/")
+        names.insert(0, name)
+    return open_folder(head or "."), "/".join(names)
+
+
+def _exists(folder: Folder, name: str) -> bool:
+    """Whether `name` (a file or a folder; "" for `folder` itself) holds anything: a missing input is
+    told apart from an unfinished one."""
+    return (bool(name) and folder.exists(name)) or bool(folder.list(f"{name}/" if name else ""))
 
 
 def input_fingerprint(uri: str) -> str:

@@ -8,18 +8,15 @@ the same words whichever step reads it.
 from __future__ import annotations
 
 from bertdistill.errors import StepError
-from bertdistill.manifest import manifest_name, read_manifest
+from bertdistill.manifest import committed_input
 from bertdistill.records import MAX_VOCAB
 from bertdistill.store import split_uri
 
 
 def examples_info(uri: str) -> dict:
     """(L, P, vocab sha256, records) of an example shard, from the manifest make-examples wrote."""
-    folder, name = split_uri(uri)
-    manifest = read_manifest(folder, manifest_name(name))
-    if manifest is None or manifest.step != "make-examples":
-        raise StepError(f"{uri} has no make-examples manifest ({folder.child_uri(manifest_name(name))}): "
-                        "label only shards that make-examples wrote")
+    manifest = committed_input(uri, "make-examples", per_file=True)
+    name = split_uri(uri)[1]
     return {"max_seq_length": manifest.params["max_seq_length"],
             "max_predictions_per_seq": manifest.params["max_predictions_per_seq"],
             "vocab_sha256": manifest.summary["vocab_sha256"],
@@ -35,11 +32,7 @@ def check_label_vocab(vocab_size: int, source: str) -> None:
 
 def open_labels(uri: str, vocab_sha256: str, top_k: int) -> dict:
     """Check a labelled shard before reading it: refused unless made with this vocab and this k."""
-    folder, name = split_uri(uri)
-    manifest = read_manifest(folder, manifest_name(name))
-    if manifest is None or manifest.step != "label-teacher":
-        raise StepError(f"{uri} has no label-teacher manifest: label the shard with label-teacher first")
-    made = manifest.summary
+    made = committed_input(uri, "label-teacher", per_file=True).summary
     if made["vocab_sha256"] != vocab_sha256:
         raise StepError(f"{uri} was labelled with another vocab (sha256 {made['vocab_sha256'][:12]}…, expected "
                         f"{vocab_sha256[:12]}…): relabel with the run's teacher")

@@ -1,4 +1,10 @@
-"""A teacher folder in the store: staged locally for loading, identified by its weights' hash."""
+"""A teacher folder in the store: checked finished, staged locally for loading, identified by its weights' hash.
+
+Steps read two kinds of model folder, both made by another step: a teacher (fetch-teacher's, or
+adapt-teacher's when adapted) and a student's export/ (distill's, as a warm start, a scored student
+or the champion). Each is refused unless its maker committed it (manifest.committed_input), in the
+step's run() before any work, so an interrupted fetch or adaptation is never loaded.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,26 @@ from pathlib import Path
 
 from bertdistill.bert.config import CONFIG, VOCAB, WEIGHTS
 from bertdistill.errors import StepError
-from bertdistill.manifest import FOLDER_MANIFEST, read_manifest
+from bertdistill.manifest import Manifest, committed_input
 from bertdistill.store import open_folder, scratch_dir
+
+TEACHER_STEPS = ("fetch-teacher", "adapt-teacher")
+EXPORT = "export"
+
+
+def committed_teacher(uri: str) -> Manifest:
+    """The teacher folder's manifest, refused unless fetch-teacher or adapt-teacher finished the folder.
+    A teacher made elsewhere comes in through fetch-teacher --source, which checks it once."""
+    return committed_input(uri, TEACHER_STEPS,
+                           hint=" (a teacher folder made elsewhere: bring it in with fetch-teacher --source)")
+
+
+def committed_export(student_uri: str) -> str:
+    """The URI of a student's export/, refused unless distill finished the student: the export is
+    written before the student folder's manifest, which lists it."""
+    export = open_folder(student_uri).child_uri(EXPORT)
+    committed_input(export, "distill", below=1)
+    return export
 
 
 @contextlib.contextmanager
@@ -38,7 +62,5 @@ def staged_teacher(uri: str) -> Iterator[Path]:
 
 def teacher_identity(uri: str) -> dict[str, str]:
     """What labels record about their teacher: where it was and the sha256 of its weights."""
-    folder = open_folder(uri)
-    manifest = read_manifest(folder, FOLDER_MANIFEST)
-    entry = manifest.outputs.get(WEIGHTS, {}) if manifest else {}
-    return {"uri": uri, "weights_sha256": entry.get("sha256") or folder.sha256(WEIGHTS)}
+    entry = committed_teacher(uri).outputs.get(WEIGHTS, {})
+    return {"uri": uri, "weights_sha256": entry.get("sha256") or open_folder(uri).sha256(WEIGHTS)}

@@ -114,13 +114,30 @@ def hf_to_google(name: str) -> tuple[str, bool] | None:
     return None
 
 
-def read_hf_weights(path: str | Path) -> dict[str, np.ndarray]:
+def _load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise StepError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_safetensors_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
+    """(arrays under Google's names, "platform" or "huggingface") of a model.safetensors in either naming:
+    a teacher folder of this platform made elsewhere (Google's names already) is brought in by
+    fetch-teacher like a Hugging Face folder, since readers take only a teacher fetch-teacher committed."""
+    tensors = _load_safetensors(path)
+    if any(name.startswith(("bert/", "cls/")) for name in tensors):
+        return tensors, "platform"
+    return _hf_to_google_names(tensors), "huggingface"
+
+
+def read_hf_weights(path: str | Path) -> dict[str, np.ndarray]:
+    return _hf_to_google_names(_load_safetensors(path))
+
+
+def _hf_to_google_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in tensors.items():
         mapped = hf_to_google(name)

@@ -28,7 +28,7 @@ from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder, scratch_dir
-from bertdistill.teachers import staged_teacher
+from bertdistill.teachers import committed_teacher, staged_teacher
 from bertdistill.warmup import warmup_length
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class AdaptTeacherParams:
 
 
 def _shards(examples: str, split: str) -> tuple[list[str], dict]:
+    """The split's example shards, each refused unless make-examples committed it (examples_info)."""
     from bertdistill.shards import examples_info
 
     folder = open_folder(examples).join(split)
@@ -71,6 +72,7 @@ def run(params: AdaptTeacherParams) -> Manifest:
     if params.steps < 1 or params.batch_size < 1:
         raise StepError("--steps and --batch-size must be at least 1")
     params.warmup()  # refuses a warm-up that leaves no step to decay in
+    committed_teacher(params.teacher)
     train, info = _shards(params.examples, "train")
     heldout, _ = _shards(params.examples, "heldout")
     fingerprint = {k: v for k, v in params.__dict__.items()

@@ -30,7 +30,7 @@ import sentencex
 
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, is_manifest, run_step
+from bertdistill.manifest import Manifest, OutputWriter, committed_input, is_manifest, run_step
 from bertdistill.progress import Progress
 from bertdistill.store import open_folder
 
@@ -86,13 +86,15 @@ def split_sentences(text: str, language: str, min_chars: int) -> list[str]:
 
 
 def article_parts(uris: list[str]):
-    """(folder, part name) of every articles part in these folders, in the order given."""
+    """(folder, part name) of every articles part in these folders, in the order given; a folder
+    extract did not finish (no manifest) is refused, not read in part."""
     parts = []
     for uri in uris:
         folder = open_folder(uri)
         found = [n for n in folder.list() if n.endswith(".jsonl.gz") and not is_manifest(n)]
         if not found:
             raise StepError(f"{uri} holds no part-*.jsonl.gz articles: run extract on its dump file first")
+        committed_input(uri, "extract")
         parts += [(folder, n) for n in found]
     return parts
 

@@ -33,11 +33,11 @@ import numpy as np
 from bertdistill import tracking
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
+from bertdistill.manifest import Manifest, OutputWriter, committed_input, find_done, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import TOP_K
 from bertdistill.store import Folder, open_folder, scratch_dir
-from bertdistill.teachers import staged_teacher
+from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
 from bertdistill.warmup import warmup_length
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,17 @@ class DistillParams:
         return warmup_length(self.steps, self.warmup_steps, self.warmup_fraction)
 
 
-def _label_shards(params: DistillParams, vocab_sha256: str) -> tuple[list[str], dict]:
-    from bertdistill.shards import open_labels
-
+def _label_shards(params: DistillParams) -> list[str]:
+    """The labelled train shards, each refused unless label-teacher committed it (before the step
+    starts: an unfinished shard never costs the output folder its manifest)."""
     folder = open_folder(params.labels).join("train")
     names = [n for n in folder.list() if n.endswith(".tfrecord")]
     if not names:
         raise StepError(f"{folder.uri} holds no labelled .tfrecord shards: run label-teacher first")
-    infos = [open_labels(folder.child_uri(n), vocab_sha256, params.top_k) for n in names]
-    return [folder.child_uri(n) for n in names], infos[0]
+    shards = [folder.child_uri(n) for n in names]
+    for shard in shards:
+        committed_input(shard, "label-teacher", per_file=True)
+    return shards
 
 
 def run(params: DistillParams) -> Manifest | None:
@@ -127,17 +129,20 @@ def run(params: DistillParams) -> Manifest | None:
     fingerprint["warmup_steps"] = params.warmup()  # what shapes the student, however it was asked for
     fingerprint["schema"] = 1
     inputs = {"teacher": params.teacher, "labels": params.labels}
+    committed_teacher(params.teacher)
+    shards = _label_shards(params)
     if params.init_from:
-        inputs["init_from"] = open_folder(params.init_from).child_uri("export")
+        inputs["init_from"] = committed_export(params.init_from)
 
     def work(writer: OutputWriter | None) -> dict:
         from bertdistill.bert.checkpoints import load_teacher, save_teacher
+        from bertdistill.shards import open_labels
 
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
             vocab_bytes = (local / "vocab.txt").read_bytes()
-        shards, info = _label_shards(params, vocab.sha256)
-        summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, info, output,
+        infos = [open_labels(shard, vocab.sha256, params.top_k) for shard in shards]  # this vocab and k, each
+        summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, infos[0], output,
                                           fingerprint)
         if writer is None:
             return summary

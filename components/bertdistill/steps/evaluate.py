@@ -40,11 +40,11 @@ import numpy as np
 
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
 from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.records import TOP_K
 from bertdistill.store import open_folder, scratch_dir
-from bertdistill.teachers import staged_teacher
+from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ def run(params: EvaluateParams) -> Manifest:
         inputs["control"] = params.control
     if params.temporal:
         inputs["temporal"] = params.temporal
+    # every input checked finished before the step starts (manifest.committed_input)
+    committed_teacher(params.teacher)
+    exports = {role: committed_export(uri) for role, uri in (("student", params.student), ("control", params.control))
+               if uri is not None}
+    paths = labelled_shards(params.heldout, "held-out")
+    temporal = labelled_shards(params.temporal, "temporal held-out") if params.temporal else []
 
     def work(writer: OutputWriter) -> dict:
         from bertdistill.bert.checkpoints import load_teacher
@@ -96,22 +102,18 @@ def run(params: EvaluateParams) -> Manifest:
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
         students = {}
-        for role, uri in (("student", params.student), ("control", params.control)):
-            if uri is None:
-                continue
-            folder = open_folder(uri).join("export")
-            with staged_teacher(folder.uri) as local:
-                config, weights, student_vocab = load_teacher(local, folder.uri)
+        for role, export in exports.items():
+            with staged_teacher(export) as local:
+                config, weights, student_vocab = load_teacher(local, export)
             if student_vocab.sha256 != vocab.sha256:
-                raise StepError(f"{role} {uri} uses another vocab than teacher {params.teacher}")
+                raise StepError(f"{role} {inputs[role]} uses another vocab than teacher {params.teacher}")
             students[role] = (config, weights)
-        paths = labelled_shards(params.heldout, "held-out")
         info = open_labels(paths[0], vocab.sha256, params.top_k)
-        temporal = labelled_shards(params.temporal, "temporal held-out") if params.temporal else []
         for path in paths[1:] + temporal:
             open_labels(path, vocab.sha256, params.top_k)
-        if champion is not None and champion["export"] != open_folder(params.student).child_uri("export"):
+        if champion is not None and champion["export"] != exports["student"]:
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
+                committed_input(champion["export"], "distill", below=1)  # <student>/export
                 with staged_teacher(champion["export"]) as local:
                     students["champion"] = load_teacher(local, champion["export"])[:2]
             else:
@@ -146,12 +148,16 @@ def run(params: EvaluateParams) -> Manifest:
 
 
 def labelled_shards(uri: str, what: str) -> list[str]:
-    """The labelled shards of a folder, as URIs (tfdata streams them from the store)."""
+    """The labelled shards of a folder, as URIs (tfdata streams them from the store), each refused
+    unless label-teacher committed it."""
     folder = open_folder(uri)
     names = [n for n in folder.list() if n.endswith(".tfrecord")]
     if not names:
         raise StepError(f"{uri} holds no labelled .tfrecord shards: label the {what} split first")
-    return [folder.child_uri(n) for n in names]
+    shards = [folder.child_uri(n) for n in names]
+    for shard in shards:
+        committed_input(shard, "label-teacher", per_file=True)
+    return shards
 
 
 def export_onnx(config, weights, folder: Path) -> dict[str, Path]:

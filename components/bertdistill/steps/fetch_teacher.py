@@ -1,11 +1,13 @@
 """fetch-teacher: a published BERT checkpoint -> the platform's teacher folder, verified once.
 
 Sources: Google's zip (bert_config.json + bert_model.ckpt.* + vocab.txt; by default the
-published uncased_L-12_H-768_A-12) by URL or path, or a Hugging Face folder (config.json +
-model.safetensors + vocab.txt). Archives are unpacked defensively: absolute paths, `..`
-and links are refused before anything is written. The result is checked variable by
-variable against its config, and its vocab against vocab_size, so a teacher that reaches
-the store is never silently random or mismatched.
+published uncased_L-12_H-768_A-12) by URL or path, a Hugging Face folder (config.json +
+model.safetensors + vocab.txt), or a teacher folder in the platform's layout made elsewhere
+(bert_config.json + model.safetensors under Google's names + vocab.txt): the steps that read a
+teacher take only one whose manifest fetch-teacher (or adapt-teacher) committed. Archives are
+unpacked defensively: absolute paths, `..` and links are refused before anything is written.
+The result is checked variable by variable against its config, and its vocab against
+vocab_size, so a teacher that reaches the store is never silently random or mismatched.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class FetchTeacherParams:
     output: str = flag(help="teacher folder URI, e.g. data/teachers/bert-base-uncased")
-    source: str = flag(GOOGLE_BERT_BASE_UNCASED, help="Google BERT zip (URL or path), or a Hugging Face folder "
-                       "with config.json, model.safetensors and vocab.txt")
+    source: str = flag(GOOGLE_BERT_BASE_UNCASED, help="Google BERT zip (URL or path), a Hugging Face folder "
+                       "with config.json, model.safetensors and vocab.txt, or a teacher folder made elsewhere "
+                       "(bert_config.json, model.safetensors, vocab.txt)")
     force: bool = False
 
 
@@ -92,7 +95,7 @@ def run(params: FetchTeacherParams) -> Manifest:
         checked_weights,
         heads_present,
         read_google_checkpoint,
-        read_hf_weights,
+        read_safetensors_weights,
         save_teacher,
     )
     from bertdistill.bert.config import BertConfig
@@ -116,7 +119,7 @@ def run(params: FetchTeacherParams) -> Manifest:
             if google_index is not None:
                 arrays, kind = read_google_checkpoint(str(google_index)[: -len(".index")]), "google"
             elif (safetensors := _find(root, "model.safetensors")) is not None:
-                arrays, kind = read_hf_weights(safetensors), "huggingface"
+                arrays, kind = read_safetensors_weights(safetensors)
             else:
                 raise StepError(f"{params.source}: no checkpoint found (bert_model.ckpt.index or model.safetensors)")
             weights = checked_weights(arrays, config, params.source, required_heads=())

@@ -38,7 +38,7 @@ import numpy as np
 from bertdistill import children
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, run_step
+from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import PretrainingBatch, encode_pretraining
 from bertdistill.shuffle import shuffled_output
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MakeExamplesParams:
-    input: str = flag(help="text shard URI (one sentence per line, blank line between docs)")
+    input: str = flag(help="text shard URI that build-corpus committed (<text>/<split>/shard-N.txt: one sentence "
+                      "per line, blank line between docs)")
     output: str = flag(help="TFRecord URI to write")
     vocab_file: str = flag(help="WordPiece vocab.txt URI")
     max_seq_length: int = flag(128, help="maximum sequence length (L)")
@@ -112,6 +113,7 @@ class _Context:
 
 def run(params: MakeExamplesParams) -> Manifest:
     params.validate()
+    committed_input(params.input, "build-corpus", below=2)  # <text>/<split>/shard-N.txt
     text_folder, text_name = split_uri(params.input)
     vocab_folder, vocab_name = split_uri(params.vocab_file)
     out_folder, out_name = split_uri(params.output)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from bertdistill.errors import StepError, TransientError
 from bertdistill.flags import flag
-from bertdistill.manifest import FOLDER_MANIFEST, Manifest, OutputWriter, read_manifest, run_step
+from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
 from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.store import open_folder, scratch_dir
-from bertdistill.teachers import staged_teacher
+from bertdistill.teachers import committed_export, staged_teacher
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ class PublishParams:
 def run(params: PublishParams) -> Manifest:
     output = open_folder(params.output)
     report = _report_about(params)
+    export_uri = committed_export(params.student)
     fingerprint = {"model_name": params.model_name, "schema": 2}
 
     def work(writer: OutputWriter) -> dict:
-        export_uri = open_folder(params.student).child_uri("export")
         with staged_teacher(export_uri) as local, tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             from bertdistill.bert.checkpoints import load_teacher
             from bertdistill.bert.hf_folder import write_hf_folder
@@ -88,8 +88,8 @@ def run(params: PublishParams) -> Manifest:
               f"{summary[ACCURACY_TAG]:.1%}) {verdict}; Hugging Face folder, ONNX and SavedModel in {output.uri}")
         return summary
 
-    return run_step("publish", fingerprint, {"student": open_folder(params.student).child_uri("export"),
-                                             "report": params.report}, output, work, force=params.force)
+    return run_step("publish", fingerprint, {"student": export_uri, "report": params.report}, output, work,
+                    force=params.force)
 
 
 def decide(accuracy: float, report: dict, current) -> tuple[bool, float, str]:
@@ -232,9 +232,9 @@ def artifact_tags(onnx: dict, published: Path) -> dict[str, str]:
 def _report_about(params: PublishParams) -> dict:
     """evaluate's report, refused unless it evaluated this very student."""
     folder = open_folder(params.report)
-    manifest = read_manifest(folder, FOLDER_MANIFEST)
-    if manifest is None or not folder.exists("report.json"):
-        raise StepError(f"{params.report} holds no finished evaluate report: run evaluate on the student first")
+    if not folder.exists("report.json"):
+        raise StepError(f"{params.report} holds no evaluate report: run evaluate on the student first")
+    manifest = committed_input(params.report, "evaluate")
     evaluated = manifest.inputs.get("student", "").partition(" ")[0]
     if evaluated.rstrip("/") != params.student.rstrip("/"):
         raise StepError(f"the report in {params.report} evaluated {evaluated}, not {params.student}: "
