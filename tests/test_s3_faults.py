@@ -183,3 +183,36 @@ def test_an_object_replaced_mid_read_is_not_spliced_onto_the_old_one(s3_env, s3_
         _put(s3_env, s3_prefix, "blob", os.urandom(8 << 20))
         with pytest.raises(TransientError, match=r"the object changed \(ETag .* no longer matches\)"):
             f.read()
+
+
+def test_shards_left_by_an_endpoint_dying_mid_upload_are_refused_until_the_rerun(s3_env, s3_prefix, proxy, corpus,
+                                                                                  sample, tmp_path):
+    """The endpoint dies while build-corpus uploads its second shard: the first stays in the store (the
+    clean-up cannot reach it either) without build-corpus's manifest. make-examples, run on it by hand
+    before the rerun, refuses it in one line; after the rerun it reads it."""
+    part = corpus / "articles" / "part-00000.jsonl.gz"
+    for name in ("part-00000.jsonl.gz", "_MANIFEST.json"):  # extract's finished output
+        _put(s3_env, s3_prefix, f"articles/{name}", (part.parent / name).read_bytes())
+    _put(s3_env, s3_prefix, "vocab.txt", (sample / "vocab.txt").read_bytes())
+    env = {**s3_env, "BERTDISTILL_S3_ENDPOINT_URL": proxy.url, "BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
+    # the shards are committed last first (held-out, then train 1): the endpoint dies half-way through train 1
+    sizes = [(corpus / "text" / n).stat().st_size for n in ("heldout/shard-00000.txt", "train/shard-00001.txt")]
+    proxy.up_limit = proxy.up_bytes + sizes[0] + sizes[1] // 2  # the articles' GET is a few hundred bytes up
+    build = ["build-corpus", "--input", f"{s3_prefix}/articles", "--output", f"{s3_prefix}/text",
+             "--train-shards", "2", "--heldout-shards", "1"]
+    failed = run_cli(*build, env=env, timeout=300)
+    assert failed.returncode != 0 and "train/shard-00001.txt" in error_lines(failed)[0], failed.stderr[-2000:]
+    proxy.revive()
+    store = open_folder(s3_prefix)
+    assert store.list("text") == ["text/heldout/shard-00000.txt"], failed.stderr[-3000:]  # left, no manifest
+    shard = store.child_uri("text/heldout/shard-00000.txt")
+    examples = ["make-examples", "--input", shard, "--output", f"{s3_prefix}/examples/shard-00000.tfrecord",
+                "--vocab-file", store.child_uri("vocab.txt"), "--dupe-factor", "1"]
+    refused = run_cli(*examples, env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = error_lines(refused)
+    assert f"{s3_prefix}/text" in line and "_MANIFEST.json" in line and "run build-corpus again" in line, line
+    assert not store.list("examples")
+    run_cli(*build, env=env, check=True)
+    run_cli(*examples, env=env, check=True)
+    assert store.read_bytes("text/heldout/shard-00000.txt") == (corpus / "text/heldout/shard-00000.txt").read_bytes()
