@@ -62,16 +62,9 @@ def ort_call(session, ids, mask, seg, pos):
 
 
 def timed(calls: dict, rounds: int) -> dict[str, np.ndarray]:
-    for call in calls.values():
-        for _ in range(WARMUP_CALLS):
-            call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            time.sleep(PAUSE_S)
-            started = time.perf_counter()
-            call()
-            seconds[name].append(time.perf_counter() - started)
+    from bertdistill.timing import take_turns
+
+    seconds = take_turns(calls, rounds, warmup=WARMUP_CALLS, pause_s=PAUSE_S)
     return {name: np.array(values) for name, values in seconds.items()}
 
 

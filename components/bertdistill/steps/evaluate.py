@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,14 @@ from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
 from bertdistill.onnx_model import FOLDER as ONNX
+from bertdistill.onnx_scoring import export_onnx, onnx_parity, onnx_report
 from bertdistill.records import TOP_K
+from bertdistill.report_chart import chart
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
 
 log = logging.getLogger(__name__)
 
-ONNX_TOLERANCE = 1e-4  # largest logit difference an ONNX export may have from the student
-INT8_BOUND_POINTS = 0.5  # int8 is served when its held-out top-1 is at most this far below fp32's
 
 
 @dataclass
@@ -160,30 +159,6 @@ def labelled_shards(uri: str, what: str) -> list[str]:
     return shards
 
 
-def export_onnx(config, weights, folder: Path) -> dict[str, Path]:
-    """The student as ONNX fp32 and int8 (onnx_model.py), in `folder`: precision -> file."""
-    from bertdistill import onnx_model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"fp32": folder / onnx_model.FP32, "int8": folder / onnx_model.INT8}
-    onnx_model.save(onnx_model.build(config, weights), files["fp32"])
-    onnx_model.quantize(files["fp32"], files["int8"])
-    return files
-
-
-def onnx_parity(model, session, batch) -> float:
-    """Largest |ONNX fp32 - TensorFlow| masked-LM or next-sentence logit on one held-out batch."""
-    from bertdistill.onnx_model import feeds
-
-    sequence = model.encode(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
-    mlm = model.mlm_logits(sequence, batch["masked_lm_positions"]).numpy()
-    nsp = model.nsp_logits(sequence).numpy()
-    theirs_mlm, theirs_nsp = session.run(None, feeds(*(batch[k].numpy() for k in (
-        "input_ids", "input_mask", "segment_ids", "masked_lm_positions"))))
-    real = batch["masked_lm_weights"].numpy() > 0
-    return float(max(np.abs(mlm - theirs_mlm)[real].max(), np.abs(nsp - theirs_nsp).max()))
-
-
 def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
              params: EvaluateParams, onnx_files: dict[str, Path] | None = None, temporal: list[str] = ()) -> dict:
     """students: role ("student", and "control" when given) -> (config, weights); onnx_files: the
@@ -240,13 +215,10 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
             add(f"{role}_nsp", nsp.numpy())
             kl_sums[role] += float(kl) * real.sum()
         if sessions:
-            if parity is None:
-                parity = onnx_parity(models["student"], sessions["fp32"], batch)
-                if parity > ONNX_TOLERANCE:
-                    raise StepError(f"the student's ONNX export differs from it by {parity:.2g} in a logit (more "
-                                    f"than {ONNX_TOLERANCE}); not written")
             feeds = onnx_model.feeds(*(batch[k].numpy() for k in ("input_ids", "input_mask", "segment_ids",
                                                                   "masked_lm_positions")))
+            if parity is None:
+                parity = onnx_parity(models["student"], sessions["fp32"], batch, feeds)
             for precision, session in sessions.items():
                 add(f"onnx_{precision}_top1", session.run(["mlm_logits"], feeds)[0].argmax(-1)[real])
         weight_sum += real.sum()
@@ -288,12 +260,12 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
     if temporal:
         report["temporal"] = temporal_scores(predictors, temporal, (L, P, k), params)
     timed = latency({"student": models["student"], "teacher": teacher}, params.latency_batch, L, P, sessions)
-    for name, figures in timed.items():
-        report.setdefault(name, {}).update(figures)
+    for name in ("student", "teacher"):
+        report[name].update(timed[name])
     report["speedup_encoder"] = report["teacher"]["latency_encoder_s"] / report["student"]["latency_encoder_s"]
     report["speedup_with_mlm_head"] = report["teacher"]["latency_mlm_s"] / report["student"]["latency_mlm_s"]
     if sessions:
-        report["onnx"] = onnx_report(report, col, parity, onnx_files)
+        report["onnx"] = onnx_report(col, parity, onnx_files, {p: timed[f"onnx_{p}"] for p in onnx_files})
         report["speedup_int8_with_mlm_head"] = (report["teacher"]["latency_mlm_s"]
                                                 / report["onnx"]["int8"]["latency_mlm_s"])
     return report
@@ -332,22 +304,6 @@ def temporal_scores(predictors: dict, paths: list[str], shape: tuple[int, int, i
     else:
         out["verdict"] = (f"On the {out['positions']:,} masked positions of articles new or changed since last month "
                           f"(held out of training) the student scores {s:.1%}; no champion was scored there.")
-    return out
-
-
-def onnx_report(report: dict, col: dict[str, np.ndarray], parity: float, files: dict[str, Path]) -> dict:
-    """The ONNX exports' held-out top-1, size and speed, and which of them the registry should serve:
-    int8 when it loses at most INT8_BOUND_POINTS of fp32's top-1, else fp32."""
-    y = col["labels"]
-    out: dict = {}
-    for precision, path in files.items():
-        top1 = col[f"onnx_{precision}_top1"]
-        out[precision] = {"mlm_accuracy": float((top1 == y).mean()), "bytes": path.stat().st_size,
-                          **report.pop(f"onnx_{precision}")}
-    out["fp32"]["max_abs_logit_diff_vs_tensorflow"] = parity
-    out["int8"]["agreement_with_fp32"] = float((col["onnx_int8_top1"] == col["onnx_fp32_top1"]).mean())
-    out["int8_minus_fp32_points"] = (out["int8"]["mlm_accuracy"] - out["fp32"]["mlm_accuracy"]) * 100
-    out["serves"] = "int8" if out["int8_minus_fp32_points"] >= -INT8_BOUND_POINTS else "fp32"
     return out
 
 
@@ -440,15 +396,14 @@ def headline(report: dict) -> dict[str, float]:
 
 def latency(models: dict, batch: int, L: int, P: int, sessions: dict | None = None,
             repeats: int = 15) -> dict[str, dict]:
-    """Best-of-N seconds per batch of full-length sequences, encoder alone and with the MLM head.
-
-    The models take turns, one timing each per round, so a slow spell of a shared machine
-    (another process, a frequency change) falls on both rather than on one. Timed one model
-    after the other (best of 5 each), the 3-of-6-layer student measured 1.72x and 1.78x in two
-    demo-sized runs on 2 cores, where its encoder does half the teacher's work (the layers
-    alone: 233 ms for 3, 465 ms for 6, 2 ms for the embeddings).
-    """
+    """Best-of-N seconds per batch of full-length sequences, encoder alone and with the MLM head,
+    the models taking turns (timing.py). Timed one model after the other (best of 5 each), the
+    3-of-6-layer student measured 1.72x and 1.78x in two demo-sized runs on 2 cores, where its
+    encoder does half the teacher's work (the layers alone: 233 ms for 3, 465 ms for 6, 2 ms for
+    the embeddings)."""
     import tensorflow as tf
+
+    from bertdistill.timing import take_turns
 
     ids = tf.ones([batch, L], tf.int32) * 1000
     ones = tf.ones([batch, L], tf.int32)
@@ -466,72 +421,7 @@ def latency(models: dict, batch: int, L: int, P: int, sessions: dict | None = No
         inputs = feeds(ids.numpy(), ones.numpy(), zeros.numpy(), positions.numpy())
         for precision, session in sessions.items():
             calls[(f"onnx_{precision}", "latency_mlm_s")] = lambda s=session: s.run(["mlm_logits"], inputs)
-    best = dict.fromkeys(calls, float("inf"))
-    for fn in calls.values():
-        fn()  # trace and warm up
-    took = 0.0
-    for _ in range(repeats):
-        for key, fn in calls.items():
-            # The runtime timed before keeps its threads spinning a while after a call, on the same cores
-            # (bench/serving.py): a pause, as long as the last call up to 0.1 s, lets them settle.
-            time.sleep(min(0.1, took))
-            started = time.perf_counter()
-            fn()
-            took = time.perf_counter() - started
-            best[key] = min(best[key], took)
     out: dict[str, dict] = {name: {} for name, _ in calls}
-    for (name, key), seconds in best.items():
-        out[name][key] = seconds
+    for (name, key), seconds in take_turns(calls, repeats).items():
+        out[name][key] = min(seconds)
     return out
-
-
-def chart(report: dict, path: Path) -> None:
-    """report.png: the figure below, saved."""
-    fig = figure(report)  # first: it selects the Agg backend (no display) before pyplot loads
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def figure(report: dict):
-    """The report as a picture: held-out accuracies of every model scored (the current champion too,
-    when evaluate scored it: publish decides on that comparison, so the picture shows it) and the
-    latency of student and teacher (the only two timed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
-    names = ["mlm_accuracy", "mlm_accuracy_outside_top10", "agreement_with_teacher"]
-    x = np.arange(len(names))
-    whos = [w for w in ("baseline", "control", "champion", "student", "teacher") if w in report]
-    width = 0.8 / len(whos)
-    labels = {"control": "control (no teacher)"}
-    if "champion" in report:
-        version = report["champion"].get("version")
-        labels["champion"] = f"champion (version {version})" if version is not None else "champion"
-    for i, who in enumerate(whos):
-        left.bar(x + (i - (len(whos) - 1) / 2) * width, [report[who].get(n, 0) for n in names], width,
-                 label=labels.get(who, who))
-    left.set_xticks(x, ["top-1", "top-1 outside\n10 most frequent", "agreement\nwith teacher"])
-    left.set_ylabel("held-out masked positions")
-    left.legend()
-    title = f"{report['positions']:,} held-out masked positions"
-    for key, against in (("distillation_gain", "control"), ("gain_over_champion", "champion")):
-        if key in report:
-            g = report[key]
-            title += (f"\ngain over {against} {g['mlm_accuracy'] * 100:+.1f} points "
-                      f"(95% CI {g['ci95_low'] * 100:+.1f} to {g['ci95_high'] * 100:+.1f})")
-    left.set_title(title)
-    whos = ["student", "teacher"]
-    right.bar(np.arange(2) - 0.2, [report[w]["latency_encoder_s"] for w in whos], 0.4, label="encoder")
-    right.bar(np.arange(2) + 0.2, [report[w]["latency_mlm_s"] for w in whos], 0.4, label="encoder + MLM head")
-    right.set_xticks(np.arange(2), [f"{w}\n{report[w]['layers']} layers, {report[w]['parameters'] / 1e6:.1f} M"
-                                    for w in whos])
-    right.set_ylabel("seconds per batch")
-    right.legend()
-    right.set_title(f"encoder {report['speedup_encoder']:.2f}x faster")
-    fig.tight_layout()
-    return fig
