@@ -287,6 +287,7 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
                 and "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith(f"enwiki {NEXT_DATE} manual ")
     assert parent.data.params["warm_start"] == "true"
+    assert parent.data.tags["bertdistill.dump"] == f"enwiki {NEXT_DATE}"  # as its registry version's `dump` tag
     assert parent.data.metrics["temporal_champion_mlm_accuracy"] == temporal["champion"]["mlm_accuracy"]
     steps = [r for r in runs(root / "mlflow.db")[1] if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert steps and all(r.data.metrics["step_cpu_seconds"] > 0 for r in steps if r.info.status == "FINISHED")

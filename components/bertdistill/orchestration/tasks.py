@@ -154,7 +154,7 @@ def prepare(plan: Plan | dict, run_id: str, dag_id: str = "bert_distillation", r
     tracking_env(settings)
     tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.run_type": run_type,
             "bertdistill.run": plan.run, "bertdistill.student": plan.student,
-            "bertdistill.teacher": plan.teacher_source}
+            "bertdistill.teacher": plan.teacher_source, "bertdistill.dump": f"{plan.params.wiki} {plan.date}"}
     if settings.airflow_url:
         tags["airflow.url"] = f"{settings.airflow_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
     parent = tracking.start_pipeline(run_name(plan, run_type, datetime.now(UTC)),
