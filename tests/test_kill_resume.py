@@ -131,10 +131,14 @@ def _check_kill_and_resume(args: list[str], output: Path, reference: Path, env: 
 
 @pytest.fixture(scope="module")
 def big_text(tmp_path_factory, all_text) -> Path:
-    """Four copies of the sample's text, so make-examples runs long enough to be caught mid-way."""
-    path = tmp_path_factory.mktemp("big") / "big.txt"
+    """Four copies of the sample's text, so make-examples runs long enough to be caught mid-way; committed
+    as build-corpus commits its shards, since make-examples reads only a finished build-corpus output."""
+    folder = tmp_path_factory.mktemp("big")
+    path = folder / "train" / "shard-00000.txt"
+    path.parent.mkdir()
     text = all_text.read_text(encoding="utf-8")
     path.write_text(text * 4, encoding="utf-8")
+    commit_as("build-corpus", folder)
     return path
 
 

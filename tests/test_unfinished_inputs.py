@@ -136,7 +136,8 @@ def report(fx, tmp):
     folder = tmp / "report"
     folder.mkdir()
     (folder / "report.json").write_text("{}\n")
-    student = fx("tiny_student")
+    student = _copy(fx("tiny_student"), tmp / "student")  # its own copy: other tests publish the shared one
+    shutil.rmtree(student / "published", ignore_errors=True)
     return (["publish", "--student", str(student), "--report", str(folder)], student / "published", folder,
             FOLDER_MANIFEST, "evaluate")
 
