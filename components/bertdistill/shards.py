@@ -10,7 +10,7 @@ from __future__ import annotations
 from bertdistill.errors import StepError
 from bertdistill.manifest import committed_input
 from bertdistill.records import MAX_VOCAB
-from bertdistill.store import split_uri
+from bertdistill.store import open_folder, split_uri
 
 
 def examples_info(uri: str) -> dict:
@@ -40,3 +40,17 @@ def open_labels(uri: str, vocab_sha256: str, top_k: int) -> dict:
         raise StepError(f"{uri} holds top-{made['top_k']} labels but top-{top_k} were asked for: relabel with "
                         f"--top-k {top_k} or change the run's k")
     return made
+
+
+def labelled_shards(uri: str, what: str) -> list[str]:
+    """The labelled shards of a folder, as URIs (tfdata streams them from the store), each refused
+    unless label-teacher committed it: checked before a step starts, so an unfinished shard never
+    costs the step's output folder its manifest."""
+    folder = open_folder(uri)
+    names = [n for n in folder.list() if n.endswith(".tfrecord")]
+    if not names:
+        raise StepError(f"{uri} holds no labelled .tfrecord shards: label the {what} split with label-teacher first")
+    shards = [folder.child_uri(n) for n in names]
+    for shard in shards:
+        committed_input(shard, "label-teacher", per_file=True)
+    return shards

@@ -33,9 +33,10 @@ import numpy as np
 from bertdistill import tracking
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, committed_input, find_done, run_step
+from bertdistill.manifest import Manifest, OutputWriter, find_done, run_step
 from bertdistill.progress import Progress
 from bertdistill.records import TOP_K
+from bertdistill.shards import labelled_shards
 from bertdistill.store import Folder, open_folder, scratch_dir
 from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
 from bertdistill.warmup import warmup_length
@@ -96,19 +97,6 @@ class DistillParams:
         return warmup_length(self.steps, self.warmup_steps, self.warmup_fraction)
 
 
-def _label_shards(params: DistillParams) -> list[str]:
-    """The labelled train shards, each refused unless label-teacher committed it (before the step
-    starts: an unfinished shard never costs the output folder its manifest)."""
-    folder = open_folder(params.labels).join("train")
-    names = [n for n in folder.list() if n.endswith(".tfrecord")]
-    if not names:
-        raise StepError(f"{folder.uri} holds no labelled .tfrecord shards: run label-teacher first")
-    shards = [folder.child_uri(n) for n in names]
-    for shard in shards:
-        committed_input(shard, "label-teacher", per_file=True)
-    return shards
-
-
 def run(params: DistillParams) -> Manifest | None:
     """On rank 0: the step, manifest and export included. On other ranks: training in lockstep,
     writing nothing (they return None)."""
@@ -130,7 +118,7 @@ def run(params: DistillParams) -> Manifest | None:
     fingerprint["schema"] = 1
     inputs = {"teacher": params.teacher, "labels": params.labels}
     committed_teacher(params.teacher)
-    shards = _label_shards(params)
+    shards = labelled_shards(open_folder(params.labels).child_uri("train"), "train")
     if params.init_from:
         inputs["init_from"] = committed_export(params.init_from)
 

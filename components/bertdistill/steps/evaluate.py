@@ -44,6 +44,7 @@ from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.onnx_scoring import export_onnx, onnx_parity, onnx_report
 from bertdistill.records import TOP_K
 from bertdistill.report_chart import chart
+from bertdistill.shards import labelled_shards
 from bertdistill.store import open_folder, scratch_dir
 from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
 
@@ -144,19 +145,6 @@ def run(params: EvaluateParams) -> Manifest:
         return report | {"parent_metrics": headline(report), "parent_tags": {"verdict": report["verdict"]}}
 
     return run_step("evaluate", fingerprint, inputs, output, work, force=params.force)
-
-
-def labelled_shards(uri: str, what: str) -> list[str]:
-    """The labelled shards of a folder, as URIs (tfdata streams them from the store), each refused
-    unless label-teacher committed it."""
-    folder = open_folder(uri)
-    names = [n for n in folder.list() if n.endswith(".tfrecord")]
-    if not names:
-        raise StepError(f"{uri} holds no labelled .tfrecord shards: label the {what} split first")
-    shards = [folder.child_uri(n) for n in names]
-    for shard in shards:
-        committed_input(shard, "label-teacher", per_file=True)
-    return shards
 
 
 def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
