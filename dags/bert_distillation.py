@@ -123,6 +123,11 @@ def form(defaults: dict) -> dict[str, Param]:
         "warm_start_fraction": Param(d["warm_start_fraction"], type="number", exclusiveMinimum=0, maximum=1,
                                      title="Warm-start fraction", section="Student",
                                      description="the fraction of Train steps a warm-started student trains"),
+        "fresh_share": Param(d["fresh_share"], type="number", minimum=0, exclusiveMaximum=1,
+                             title="Fresh share", section="Student",
+                             description="the share of a warm-started student's examples drawn from the articles "
+                             "new or changed since last month (the rest replays the whole month); 0: the whole "
+                             "month only"),
         "size": Param(d["size"], type="string", enum=list(SIZES), title="Size", section="Run",
                       description="demo: the sizes of make demo for every size field left at its default ("
                       f"{DEMO['max_dump_files']} dump file, {DEMO['train_shards']} + {DEMO['heldout_shards']} shards, "

@@ -110,3 +110,12 @@ def test_new_and_changed_articles_are_split_between_training_and_the_temporal_sh
         assert all(doc in before for doc in after)  # nothing moved between shards; only temporal ones left
     assert _docs(text / "heldout/shard-00000.txt") == _docs(corpus / "text" / "heldout/shard-00000.txt")
     assert "held out in the temporal shard" in proc.stdout
+    # the other half train, and are copied to the fresh shard a warm start draws from
+    fresh = _docs(text / "fresh" / "shard-00000.txt")
+    trained = [split_sentences(a["text"], "en", 2) for a in changed
+               if shard_of(a["id"], 2, 1)[0] == "train" and not goes_to_temporal(a["id"])]
+    assert summary["fresh_documents"] == len(fresh) == len(trained) > 0
+    assert sorted(fresh) == sorted(trained)
+    assert all(doc in _docs(text / "train/shard-00000.txt") + _docs(text / "train/shard-00001.txt") for doc in fresh)
+    assert summary["documents"] == len(articles) - len(
+        [a for a in articles if not split_sentences(a["text"], "en", 2)])  # copies are not counted twice

@@ -99,20 +99,30 @@ def test_evaluate_reports_student_control_teacher_and_baseline(tmp_path, tiny_te
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_warm_start_begins_from_the_published_student(tmp_path, tiny_teacher, labels_dir, tiny_student):
+def test_a_warm_start_begins_from_the_published_student(tmp_path, tiny_teacher, labels_dir, labelled,
+                                                        tiny_student):
     """--init-from: the student starts as last month's (at learning rate 0 it stays that model to the bit)
-    and its first loss is where that model ended, not where a cold start begins."""
+    and its first loss is where that model ended, not where a cold start begins. With --fresh it also
+    reads that labelled shard (the month's new and changed articles), an input of its manifest."""
     from safetensors.numpy import load_file
 
     out = tmp_path / "warm"
     run_cli(*distill_args(tiny_teacher, labels_dir, out, "--init-from", str(tiny_student), "--learning-rate", "0",
-                          "--steps", "2", "--checkpoint-every", "2", "--warmup-steps", "1"), check=True)
+                          "--steps", "2", "--checkpoint-every", "2", "--warmup-steps", "1", "--fresh",
+                          str(labelled.parent), "--fresh-share", "0.4"), check=True)
     before, after = (load_file(str(s / "export" / "model.safetensors")) for s in (tiny_student, out))
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     warm, cold = _summary(out), _summary(tiny_student)
     assert warm["losses"][0] < cold["losses"][0]
     manifest = json.loads((out / "_MANIFEST.json").read_text())
     assert manifest["inputs"]["init_from"].split()[0].endswith("export")  # its content hash beside it
+    assert manifest["inputs"]["fresh"].split()[0] == str(labelled.parent) and warm["fresh_share"] == 0.4
+
+
+def test_a_fresh_share_of_one_is_refused(tmp_path, tiny_teacher, labels_dir, labelled):
+    proc = run_cli(*distill_args(tiny_teacher, labels_dir, tmp_path / "s", "--fresh", str(labelled.parent),
+                                 "--fresh-share", "1"))
+    assert proc.returncode == 2 and "--fresh-share must be at least 0 and below 1" in error_lines(proc)[0]
 
 
 def test_a_warm_start_from_another_shape_is_refused(tmp_path, tiny_teacher, labels_dir, tiny_student):

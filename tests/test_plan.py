@@ -268,6 +268,7 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     labels = planning.label_teacher_args(two, two.adapted_teacher)[-1]
     assert labels[labels.index("--input") + 1].endswith("temporal/shard-00000.tfrecord")
     assert labels[labels.index("--max-examples") + 1] == "50000"  # as many as evaluate reads
+    assert planning.FRESH_SHARD not in planning.text_shards(two)  # a cold student reads the whole month only
     evaluate = planning.evaluate_args(two, two.adapted_teacher)
     assert evaluate[evaluate.index("--temporal") + 1].endswith("/temporal")
     assert "--temporal" not in planning.evaluate_args(one, one.adapted_teacher)
@@ -283,3 +284,26 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     assert tasks.teacher_needs_head(forced) is True and tasks.teacher_ready(forced)["teacher"] == forced.teacher
     _commit(two.teacher, summary={"heads": ["pooler"], "refetched": True})  # another teacher under the same name
     assert tasks.teacher_needs_head(two) is True and tasks.teacher_ready(two)["teacher"] == two.teacher
+
+
+def test_a_warm_month_two_draws_its_fresh_share_from_the_new_and_changed_articles():
+    """Warm with a month before: the fresh shard is made and labelled (as many examples as a group draws),
+    distill mixes it in at fresh_share, and the train shards are labelled for the rest of the draws only.
+    Warm without a month before, or with fresh_share 0, reads the train shards alone."""
+    champion = "s3://bucket/bd/runs/enwiki-20261001/students/3l-k10-abc"
+    warm = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion,
+                              previous="20261001")
+    assert planning.text_shards(warm)[-2:] == [planning.TEMPORAL_SHARD, planning.FRESH_SHARD]
+    labels = planning.label_teacher_args(warm, warm.adapted_teacher)[-1]
+    assert labels[labels.index("--input") + 1].endswith("fresh/shard-00000.tfrecord")
+    assert labels[labels.index("--max-examples") + 1] == str(3000 * 32 // 2)  # half of 3,000 steps x 32
+    for args in planning.distill_args(warm, warm.adapted_teacher):  # the student and its control alike
+        assert args[args.index("--fresh") + 1].endswith("/fresh") and args[args.index("--fresh-share") + 1] == "0.5"
+    unmixed = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion)
+    assert planning.train_labels_per_shard(warm) * 2 == planning.train_labels_per_shard(unmixed)
+    assert "--fresh" not in planning.distill_args(unmixed, unmixed.adapted_teacher)[0]
+    whole = planning.make_plan(FULL | {"warm_start": True, "fresh_share": 0}, SETTINGS, "20261101",
+                               champion=champion, previous="20261001")
+    assert planning.FRESH_SHARD not in planning.text_shards(whole) and whole.student != warm.student
+    with pytest.raises(ValueError, match="fresh_share = 1"):
+        planning.full_params(FULL | {"fresh_share": 1})

@@ -52,9 +52,14 @@ def pretraining_dataset(paths: list[str], max_seq_length: int, max_predictions: 
 
 
 def labelled_dataset(paths: list[str], max_seq_length: int, max_predictions: int, top_k: int, batch_size: int,
-                     shuffle: bool = False, repeat: bool = False, seed: int = 0) -> tf.data.Dataset:
+                     shuffle: bool = False, repeat: bool = False, seed: int = 0, mixed_in: list[str] = (),
+                     mixed_share: float = 0.0) -> tf.data.Dataset:
     """Batches of labelled examples: the pretraining features plus the teacher's four fields,
-    decoded by records.decode_labels (one decoder for every reader)."""
+    decoded by records.decode_labels (one decoder for every reader).
+
+    `mixed_in` (shards read shuffled and repeated on their own) supplies each example with
+    probability `mixed_share`, drawn with the seed: the same sequence on every rerun, so a
+    resumed run skips to where it was."""
     import numpy as np
 
     from bertdistill.records import LABEL_FEATURE, decode_labels
@@ -66,6 +71,9 @@ def labelled_dataset(paths: list[str], max_seq_length: int, max_predictions: int
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    if mixed_in and mixed_share > 0:
+        mixed = records(mixed_in).shuffle(10_000, seed=seed + 1, reshuffle_each_iteration=True).repeat()
+        ds = tf.data.Dataset.sample_from_datasets([ds, mixed], [1 - mixed_share, mixed_share], seed=seed)
 
     def decode(blobs, weights):
         rows = [decode_labels(blob, max_predictions, top_k, int((w > 0).sum()))

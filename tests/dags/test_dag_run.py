@@ -269,10 +269,14 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     # the temporal held-out: half of the new and changed articles bound for training, kept out of it
     text = json.loads(next(month_two.glob("text/*/_MANIFEST.json")).read_text())["summary"]
     assert 0 < text["temporal_documents"] < text["new_or_changed_documents"] <= 15 + 12
+    assert text["fresh_documents"] > 0
+    assert text["temporal_documents"] + text["fresh_documents"] <= text["new_or_changed_documents"]
     for folder in (student, student / "control"):  # both warm-started from the champion, for 2 of the 4 steps
         manifest = json.loads((folder / "_MANIFEST.json").read_text())
         assert manifest["inputs"]["init_from"].split()[0] == incumbent.tags["bertdistill.export"]
         assert manifest["params"]["steps"] == 2
+        # half of each batch from the new and changed articles that train (the fresh shard), half replay
+        assert manifest["inputs"]["fresh"].split()[0].endswith("/fresh") and manifest["summary"]["fresh_share"] == 0.5
     report = json.loads((student / "report" / "report.json").read_text())
     assert report["champion"]["version"] == int(incumbent.version)  # scored on month two's held-out examples
     temporal = report["temporal"]

@@ -63,6 +63,7 @@ class RunParams:
     control: bool = True
     warm_start: bool = False
     warm_start_fraction: float = 0.3
+    fresh_share: float = 0.5
     force: bool = False
     size: str = "full"
 
@@ -139,6 +140,9 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
     if not 0 < p.warm_start_fraction <= 1:
         raise ValueError(f"warm_start_fraction = {p.warm_start_fraction}: a warm start trains this fraction of "
                          "train_steps, so give a number above 0 and at most 1")
+    if not 0 <= p.fresh_share < 1:
+        raise ValueError(f"fresh_share = {p.fresh_share}: the share of a warm start's examples drawn from the new "
+                         "and changed articles is at least 0 and below 1 (the rest replays the whole month)")
     return p
 
 
@@ -223,6 +227,8 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
                     f"{teacher_name}-adapted-{p.adapt_steps}-lr{p.adapt_learning_rate:g}")
     init_from = champion if p.warm_start else None
     warm = {"init_from": init_from, "warm_start_fraction": p.warm_start_fraction} if init_from else {}
+    if init_from and previous:
+        warm["fresh_share"] = p.fresh_share
     student_key = _key({k: getattr(p, k) for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted} | warm)
     student = _join(run, "students", f"{p.student_layers}l-k{p.top_k}-{student_key}")
@@ -240,9 +246,18 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
 def train_labels_per_shard(plan: Plan) -> int:
     """How many examples of each train shard distill will read: its steps (fewer when warm-started)
     x global batch over the shards of one Horovod group (ranks groups split the shards; the smallest
-    group has train_shards // ranks of them). Labelling more would be teacher time nobody trains on."""
+    group has train_shards // ranks of them), less the share a warm start draws from the fresh
+    shard (the expected count: a few draws more re-read the shard's first examples). Labelling more
+    would be teacher time nobody trains on."""
     p = plan.params
-    return -(-train_steps(plan) * p.batch_size // (p.train_shards // p.ranks))
+    replay = 1 - fresh_share(plan)
+    return math.ceil(train_steps(plan) * p.batch_size * replay / (p.train_shards // p.ranks))
+
+
+def fresh_share(plan: Plan) -> float:
+    """The share of each batch drawn from the month's new and changed articles: a warm start's, when
+    there is a month before to compare with; otherwise none (a cold student trains on the whole month)."""
+    return plan.params.fresh_share if plan.init_from and plan.previous else 0.0
 
 
 def labels_folder(plan: Plan, teacher: str) -> str:
@@ -281,15 +296,18 @@ def build_corpus_args(plan: Plan, dump_files: list[str], previous_articles: list
 
 
 TEMPORAL_SHARD = "temporal/shard-00000"  # build-corpus' one temporal held-out shard
+FRESH_SHARD = "fresh/shard-00000"  # the new and changed articles that train: a warm start's diff
 
 
 def text_shards(plan: Plan) -> list[str]:
-    """Shard names ('train/shard-00000') the build-corpus settings produce; a month with a month before it
-    also has the temporal held-out shard (its new and changed articles that stay out of training)."""
+    """Shard names ('train/shard-00000') made into examples and labelled: those of the build-corpus
+    settings; a month with a month before it adds the temporal held-out shard (its new and changed
+    articles that stay out of training) and, for a warm start that draws from it, the fresh shard."""
     p = plan.params
     return ([f"train/shard-{i:05d}" for i in range(p.train_shards)]
             + [f"heldout/shard-{i:05d}" for i in range(p.heldout_shards)]
-            + ([TEMPORAL_SHARD] if plan.previous else []))
+            + ([TEMPORAL_SHARD] if plan.previous else [])
+            + ([FRESH_SHARD] if fresh_share(plan) else []))
 
 
 
@@ -316,7 +334,8 @@ def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
     """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads."""
     labels = labels_folder(plan, teacher)
     heldout = default(EvaluateParams, "max_examples")
-    cap = {"train": train_labels_per_shard(plan), "heldout": heldout, "temporal": heldout}
+    fresh = math.ceil(train_steps(plan) * plan.params.batch_size * fresh_share(plan))  # what one group draws
+    cap = {"train": train_labels_per_shard(plan), "heldout": heldout, "temporal": heldout, "fresh": fresh}
     return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
              "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan.params.top_k),
              "--max-examples", str(cap[s.split("/")[0]]), *_force(plan)]
@@ -341,6 +360,8 @@ def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
     p = plan.params
     steps = train_steps(plan)
     warm = ["--init-from", plan.init_from] if plan.init_from else []
+    if fresh_share(plan):
+        warm += ["--fresh", _join(labels_folder(plan, teacher), "fresh"), "--fresh-share", str(fresh_share(plan))]
     common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
               "--student-layers", str(p.student_layers), "--top-k", str(p.top_k), "--steps",
               str(steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),

@@ -13,7 +13,9 @@ Given last month's articles (`--previous`), the articles new or changed since th
 hash of their text) that would go to training are split in two by a second hash of their id:
 half stay in training, half go to the one temporal held-out shard. The student then learns some
 of what changed and is scored on the rest, which no model has seen (TemporalWiki's measure of
-what a refresh taught).
+what a refresh taught). The new and changed articles that stay in training are also copied to
+fresh/shard-00000.txt: what a warm-started student trains on beside replay of the whole month
+(TemporalWiki's diff), without reading every train shard to find them.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ class BuildCorpusParams:
     min_sentence_chars: int = flag(2, minimum=1, help="shorter sentences are dropped")
     previous: list[str] | None = flag(None, help="last month's articles folder URI(s): half of the articles "
                                       "new or changed since then that would go to training go to "
-                                      "temporal/shard-00000.txt instead (default: no temporal split)")
+                                      "temporal/shard-00000.txt instead, and the other half are also copied to "
+                                      "fresh/shard-00000.txt (default: neither)")
     force: bool = False
 
 
 TEMPORAL = "temporal/shard-00000.txt"
+FRESH = "fresh/shard-00000.txt"
 
 
 def text_hash(text: str) -> bytes:
@@ -115,13 +119,13 @@ def run(params: BuildCorpusParams) -> Manifest:
     previous = [params.previous] if isinstance(params.previous, str) else list(params.previous or [])
     previous_parts = article_parts(previous)
     output = open_folder(params.output)
-    fingerprint = {"schema": 1, "train_shards": params.train_shards, "heldout_shards": params.heldout_shards,
+    fingerprint = {"schema": 2, "train_shards": params.train_shards, "heldout_shards": params.heldout_shards,
                    "language": params.language, "min_sentence_chars": params.min_sentence_chars}
 
     def work(writer: OutputWriter) -> dict:
         names = [shard_name("train", i) for i in range(params.train_shards)]
         names += [shard_name("heldout", i) for i in range(params.heldout_shards)]
-        names += [TEMPORAL] if previous else []
+        names += [TEMPORAL, FRESH] if previous else []
         stats = {n: {"documents": 0, "sentences": 0} for n in names}
         progress = Progress(log, "build-corpus")
         documents = new_or_changed = 0
@@ -136,27 +140,31 @@ def run(params: BuildCorpusParams) -> Manifest:
                     continue
                 split, index = shard_of(article["id"], params.train_shards, params.heldout_shards)
                 name = shard_name(split, index)
+                copies = [name]
                 if previous and last_month.get(str(article["id"])) != text_hash(article["text"]):
                     new_or_changed += 1
-                    if split == "train" and goes_to_temporal(article["id"]):
-                        name = TEMPORAL
-                files[name].write("\n".join(sentences) + "\n\n")
-                stats[name]["documents"] += 1
-                stats[name]["sentences"] += len(sentences)
+                    if split == "train":
+                        copies = [TEMPORAL] if goes_to_temporal(article["id"]) else [name, FRESH]
+                for copy in copies:
+                    files[copy].write("\n".join(sentences) + "\n\n")
+                    stats[copy]["documents"] += 1
+                    stats[copy]["sentences"] += len(sentences)
                 documents += 1
                 progress.update(documents, " documents")
             for f in files.values():
                 f.close()
         for name, counts in stats.items():
             writer.note(name, **counts)
-        sentences = sum(s["sentences"] for s in stats.values())
+        sentences = sum(s["sentences"] for n, s in stats.items() if n != FRESH)  # fresh: copies
         heldout = sum(s["documents"] for n, s in stats.items() if n.startswith("heldout/"))
         summary = {"documents": documents, "sentences": sentences, "heldout_documents": heldout}
         temporal = ""
         if previous:
-            summary |= {"new_or_changed_documents": new_or_changed, "temporal_documents": stats[TEMPORAL]["documents"]}
+            summary |= {"new_or_changed_documents": new_or_changed, "temporal_documents": stats[TEMPORAL]["documents"],
+                        "fresh_documents": stats[FRESH]["documents"]}
             temporal = (f"; {new_or_changed} new or changed since last month, {stats[TEMPORAL]['documents']} of "
-                        "them held out in the temporal shard")
+                        f"them held out in the temporal shard, {stats[FRESH]['documents']} trained on and copied to "
+                        "the fresh shard")
         print(f"build-corpus: {documents} documents, {sentences} sentences -> {params.train_shards} train + "
               f"{params.heldout_shards} held-out shards ({heldout} held-out documents{temporal}) in "
               f"{progress.elapsed:.1f} s -> {output.uri}")

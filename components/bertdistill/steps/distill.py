@@ -13,6 +13,12 @@ latest one and, since data order and dropout masks are functions of (seed, step)
 the same loss curve. A NaN loss stops the run naming the step; the last good checkpoint
 stays. The trained student lands in <output>/export/ in the teacher folder layout.
 
+A monthly warm start (`--init-from` last month's champion) can train on what changed: with
+`--fresh` (the labelled shard of the month's new and changed articles) each example is drawn
+from it with probability `--fresh-share`, else from the train shards, which replay the whole
+month (TemporalWiki's diff plus replay): a fraction of the steps then meets every new article
+many times instead of a few of them once.
+
     bertdistill distill --teacher T --labels LABELS --output OUT --student-layers 3 --steps 300
     horovodrun -np 2 bertdistill distill ... --grad-accum 2          # 2 ranks, same global batch
     mpirun -np 8 -H a:4,b:4 bertdistill distill ... --grad-accum 8   # 2 machines x 4 ranks
@@ -57,6 +63,10 @@ class DistillParams:
     init_from: str | None = flag(None, metavar="STUDENT", help="warm start: start from this student folder's "
                                  "export/ (last month's champion) instead of --student-init; it must have this "
                                  "student's shape and the teacher's vocab")
+    fresh: str | None = flag(None, help="folder URI of the labelled shard of the articles new or changed since "
+                             "last month (build-corpus' fresh/): --fresh-share of the examples come from it")
+    fresh_share: float = flag(0.5, help="with --fresh: the share of examples drawn from it (the rest replay the "
+                              "train shards)")
     top_k: int = flag(TOP_K, minimum=1, help="k the labels must have been made with")
     steps: int = flag(300, minimum=1, help="optimizer steps")
     batch_size: int = flag(32, minimum=1, help="examples per micro-batch")
@@ -88,6 +98,9 @@ class DistillParams:
             raise StepError("--steps, --batch-size, --grad-accum and --checkpoint-every must be at least 1")
         if self.lr_scaling not in ("none", "linear"):
             raise StepError(f"--lr-scaling must be 'none' or 'linear', got {self.lr_scaling!r}")
+        if not 0 <= self.fresh_share < 1:
+            raise StepError(f"--fresh-share must be at least 0 and below 1 (the rest replays the train shards), got "
+                            f"{self.fresh_share}")
         if self.temperature <= 0:
             raise StepError(f"--temperature must be positive, got {self.temperature}")
         self.warmup()  # refuses a warm-up that leaves no step to decay in
@@ -113,7 +126,7 @@ def run(params: DistillParams) -> Manifest | None:
         logging.getLogger("bertdistill").setLevel(logging.WARNING)
     output = open_folder(params.output)
     fingerprint = {k: v for k, v in asdict(params).items() if k not in ("teacher", "labels", "output", "force",
-                                                                          "threads", "warmup_fraction")}
+                                                                          "threads", "warmup_fraction", "fresh")}
     fingerprint["warmup_steps"] = params.warmup()  # what shapes the student, however it was asked for
     fingerprint["schema"] = 1
     inputs = {"teacher": params.teacher, "labels": params.labels}
@@ -121,6 +134,11 @@ def run(params: DistillParams) -> Manifest | None:
     shards = labelled_shards(open_folder(params.labels).child_uri("train"), "train")
     if params.init_from:
         inputs["init_from"] = committed_export(params.init_from)
+    fresh = labelled_shards(params.fresh, "fresh") if params.fresh else []
+    if fresh:
+        inputs["fresh"] = params.fresh
+    else:
+        fingerprint["fresh_share"] = 0.0  # no fresh shard: the whole month only, whatever the share
 
     def work(writer: OutputWriter | None) -> dict:
         from bertdistill.bert.checkpoints import load_teacher, save_teacher
@@ -129,9 +147,13 @@ def run(params: DistillParams) -> Manifest | None:
         with staged_teacher(params.teacher) as local:
             teacher_config, teacher_weights, vocab = load_teacher(local, params.teacher)
             vocab_bytes = (local / "vocab.txt").read_bytes()
-        infos = [open_labels(shard, vocab.sha256, params.top_k) for shard in shards]  # this vocab and k, each
+        infos = [open_labels(shard, vocab.sha256, params.top_k) for shard in shards + fresh]  # this vocab and k
+        if fresh and not sum(i["examples"] for i in infos[len(shards):]):
+            log.warning("distill: %s holds no examples (nothing new or changed trains this month); training on "
+                        "the train shards only", params.fresh)
+            fresh.clear()
         summary, config, weights = _train(params, world, teacher_config, teacher_weights, shards, infos[0], output,
-                                          fingerprint)
+                                          fingerprint, fresh)
         if writer is None:
             return summary
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
@@ -209,7 +231,7 @@ def warm_start(student_uri: str, config, vocab_sha256: str) -> dict:
 
 
 def _train(params: DistillParams, world, teacher_config, teacher_weights, shards: list[str], info: dict,
-           output: Folder, fingerprint: dict):
+           output: Folder, fingerprint: dict, fresh: list[str]):
     import hashlib
 
     import tensorflow as tf
@@ -239,8 +261,10 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     start = last_checkpoint = _resume(output, model, optimizer, history, fingerprint)
     world.broadcast(variables + optimizer.m + optimizer.v)
     L, P = info["max_seq_length"], info["max_predictions_per_seq"]
-    data = {g: iter(labelled_dataset(groups[g], L, P, params.top_k, params.batch_size,
-                                     shuffle=True, repeat=True, seed=params.seed + g).skip(start)) for g in mine}
+    share = params.fresh_share if fresh else 0.0
+    data = {g: iter(labelled_dataset(groups[g], L, P, params.top_k, params.batch_size, shuffle=True, repeat=True,
+                                     seed=params.seed + g, mixed_in=fresh, mixed_share=share).skip(start))
+            for g in mine}
     T = params.temperature
 
     @tf.function
@@ -290,7 +314,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in variables)).hexdigest()
     summary = {"steps": params.steps, "resumed_from": start, "losses": [round(x, 6) for x in history],
                "final_loss": float(np.mean(history[-10:])), "seconds": round(progress.elapsed, 1),
-               "step_seconds": step_seconds,
+               "step_seconds": step_seconds, "fresh_share": share,
                "student_layers": config.num_hidden_layers, "student_parameters": model.parameter_count(),
                "student_config": asdict(config), "ranks": world.size, "compute_dtype": dtype,
                "weights_sha256_per_rank": world.gather(digest),
