@@ -123,6 +123,10 @@ def form(defaults: dict) -> dict[str, Param]:
         "warm_start_fraction": Param(d["warm_start_fraction"], type="number", exclusiveMinimum=0, maximum=1,
                                      title="Warm-start fraction", section="Student",
                                      description="the fraction of Train steps a warm-started student trains"),
+        "warm_start_learning_rate": Param(d["warm_start_learning_rate"], type="number", exclusiveMinimum=0,
+                                          title="Warm-start learning rate", section="Student",
+                                          description="the peak learning rate of a warm-started student (a cold "
+                                          "one peaks at distill's default, 5e-4): lower keeps more of the champion"),
         "fresh_share": Param(d["fresh_share"], type="number", minimum=0, exclusiveMaximum=1,
                              title="Fresh share", section="Student",
                              description="the share of a warm-started student's examples drawn from the articles "

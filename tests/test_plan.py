@@ -233,13 +233,19 @@ def test_a_warm_start_begins_at_the_champion_and_trains_its_fraction_of_the_step
     for args in runs:
         assert args[args.index("--init-from") + 1] == champion
         assert args[args.index("--steps") + 1] == "3000"  # 30% of 10,000
-    assert "--init-from" not in planning.distill_args(cold, cold.adapted_teacher)[0]
+        assert args[args.index("--learning-rate") + 1] == "0.0001"  # the warm start's peak, below a cold one's
+    assert not {"--init-from", "--learning-rate"} & set(planning.distill_args(cold, cold.adapted_teacher)[0])
     first_month = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=None)
     assert first_month.init_from is None and first_month.student == cold.student
     assert planning.make_plan(FULL, SETTINGS, "20261101", champion=champion).init_from is None  # not asked for
     assert planning.Plan.from_xcom(warm.to_xcom()) == warm
     with pytest.raises(ValueError, match="warm_start_fraction = 0"):
         planning.full_params(FULL | {"warm_start": True, "warm_start_fraction": 0})
+    with pytest.raises(ValueError, match="warm_start_learning_rate = 0"):
+        planning.full_params(FULL | {"warm_start_learning_rate": 0})
+    hotter = planning.make_plan(FULL | {"warm_start": True, "warm_start_learning_rate": 5e-4}, SETTINGS, "20261101",
+                                champion=champion)
+    assert hotter.student != warm.student  # another student, in a folder of its own
     # what a warm student reads is all that is labelled: 30% of the steps, 30% of the labels
     assert planning.train_labels_per_shard(warm) * 10 == planning.train_labels_per_shard(cold) * 3
 

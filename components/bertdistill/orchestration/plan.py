@@ -64,6 +64,7 @@ class RunParams:
     warm_start: bool = False
     warm_start_fraction: float = 0.3
     fresh_share: float = 0.5
+    warm_start_learning_rate: float = 1e-4
     force: bool = False
     size: str = "full"
 
@@ -140,6 +141,9 @@ def full_params(params: dict[str, Any], max_map_length: int = MAX_MAP_LENGTH) ->
     if not 0 < p.warm_start_fraction <= 1:
         raise ValueError(f"warm_start_fraction = {p.warm_start_fraction}: a warm start trains this fraction of "
                          "train_steps, so give a number above 0 and at most 1")
+    if not p.warm_start_learning_rate > 0:
+        raise ValueError(f"warm_start_learning_rate = {p.warm_start_learning_rate}: give a peak learning rate above 0 "
+                         "for a warm-started student")
     if not 0 <= p.fresh_share < 1:
         raise ValueError(f"fresh_share = {p.fresh_share}: the share of a warm start's examples drawn from the new "
                          "and changed articles is at least 0 and below 1 (the rest replays the whole month)")
@@ -226,7 +230,8 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
     adapted = _join(run, "teachers", examples_key(p),
                     f"{teacher_name}-adapted-{p.adapt_steps}-lr{p.adapt_learning_rate:g}")
     init_from = champion if p.warm_start else None
-    warm = {"init_from": init_from, "warm_start_fraction": p.warm_start_fraction} if init_from else {}
+    warm = {"init_from": init_from, "warm_start_fraction": p.warm_start_fraction,
+            "warm_start_learning_rate": p.warm_start_learning_rate} if init_from else {}
     if init_from and previous:
         warm["fresh_share"] = p.fresh_share
     student_key = _key({k: getattr(p, k) for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
@@ -359,7 +364,7 @@ def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
     say what the teacher added."""
     p = plan.params
     steps = train_steps(plan)
-    warm = ["--init-from", plan.init_from] if plan.init_from else []
+    warm = ["--init-from", plan.init_from, "--learning-rate", str(p.warm_start_learning_rate)] if plan.init_from else []
     if fresh_share(plan):
         warm += ["--fresh", _join(labels_folder(plan, teacher), "fresh"), "--fresh-share", str(fresh_share(plan))]
     common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
