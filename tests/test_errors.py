@@ -6,7 +6,7 @@ import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError
 
 from bertdistill.errors import StepError, TransientError
-from bertdistill.s3store import _explain_s3_error
+from bertdistill.s3_errors import explain_s3_error
 from bertdistill.tracking import registry_error
 from tests.conftest import error_lines, run_cli
 
@@ -17,15 +17,15 @@ def _client_error(code: str) -> ClientError:
 
 @pytest.mark.parametrize("code", ["SlowDown", "503", "InternalError", "ServiceUnavailable"])
 def test_s3_busy_or_failing_is_transient(code):
-    err = _explain_s3_error(_client_error(code), "reading s3://b/k", "b")
+    err = explain_s3_error(_client_error(code), "reading s3://b/k", "b")
     assert isinstance(err, TransientError) and err.exit_code == 1 and code in str(err)
 
 
 def test_a_broken_connection_is_transient_and_refusals_are_bad_input():
-    broken = _explain_s3_error(ConnectionClosedError(endpoint_url="http://127.0.0.1:9"), "reading s3://b/k", "b")
+    broken = explain_s3_error(ConnectionClosedError(endpoint_url="http://127.0.0.1:9"), "reading s3://b/k", "b")
     assert isinstance(broken, TransientError)
     for code in ("AccessDenied", "NoSuchBucket", "InvalidArgument"):
-        err = _explain_s3_error(_client_error(code), "reading s3://b/k", "b")
+        err = explain_s3_error(_client_error(code), "reading s3://b/k", "b")
         assert type(err) is StepError and err.exit_code == 2, code
 
 

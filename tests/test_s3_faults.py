@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from bertdistill import s3store
+from bertdistill import s3_reads
 from bertdistill.errors import TransientError
 from bertdistill.store import open_folder
 from tests.conftest import _s3_client, error_lines, run_cli
@@ -124,11 +124,11 @@ def test_a_link_that_resets_every_connection_is_read_through(s3_env, s3_prefix, 
     data = os.urandom(2_500_000)
     _put(s3_env, s3_prefix, "blob", data)
     proxy.reset_every(every)
-    with caplog.at_level(logging.WARNING, logger="bertdistill.s3store"), open_folder(s3_prefix).open_read("blob") as f:
+    with caplog.at_level(logging.WARNING, logger="bertdistill.s3_reads"), open_folder(s3_prefix).open_read("blob") as f:
         assert b"".join(iter(lambda: f.read(1 << 20), b"")) == data
     assert proxy.connections <= len(data) / every + 2, proxy.connections
     assert proxy.cuts_done >= len(data) // every
-    assert proxy.bytes_down <= len(data) + proxy.connections * (s3store.READ_PIECE + 2_000), proxy.bytes_down
+    assert proxy.bytes_down <= len(data) + proxy.connections * (s3_reads.READ_PIECE + 2_000), proxy.bytes_down
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings and all("reset at byte" in w and " at byte 0 of" not in w for w in warnings), warnings
 
@@ -156,16 +156,16 @@ def test_the_warnings_after_the_endpoint_dies_say_it_cannot_be_reached(s3_env, s
                                                                         monkeypatch):
     """Not "broke off at byte 0 ... 0 read": the reset names the byte reached, each failed resume
     the endpoint, and the final error the object and that byte."""
-    monkeypatch.setattr(s3store, "RESUME_PAUSE_S", 0.05)
+    monkeypatch.setattr(s3_reads, "RESUME_PAUSE_S", 0.05)
     data = os.urandom(1_000_000)
     _put(s3_env, s3_prefix, "blob", data)
     proxy.reset_after(300_000, times=1)
     proxy.die_on_cut = True
-    with caplog.at_level(logging.WARNING, logger="bertdistill.s3store"), pytest.raises(TransientError) as failed:
+    with caplog.at_level(logging.WARNING, logger="bertdistill.s3_reads"), pytest.raises(TransientError) as failed:
         open_folder(s3_prefix).read_bytes("blob")
     first, *rest = [r.getMessage() for r in caplog.records]
     reached = int(re.search(r"reset at byte ([\d,]+) of 1,000,000", first)[1].replace(",", ""))
-    assert 300_000 - s3store.READ_PIECE - 2_000 < reached < 300_000, first
+    assert 300_000 - s3_reads.READ_PIECE - 2_000 < reached < 300_000, first
     assert rest and all(f"cannot reach the endpoint {proxy.url}" in w for w in rest), rest
     error = str(failed.value)
     assert "\n" not in error and f"{s3_prefix}/blob" in error and f"at byte {reached:,} of 1,000,000" in error, error

@@ -7,41 +7,21 @@ final key from a local scratch file, carrying their sha256 in the object metadat
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import http.client
 import io
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from bertdistill.errors import StepError, TransientError
+from bertdistill.s3_errors import explain_s3_error
+from bertdistill.s3_reads import READ_PIECE, ResumingBody
 from bertdistill.store import TEMP_MARK, Folder, PendingFile, scratch_dir
 
 log = logging.getLogger(__name__)
-READ_PIECE = 64 << 10  # what one body read asks for, and so the most a reset loses
-READ_STALLS = 6  # tries in a row without a new byte before a read gives up
-RESUME_PAUSE_S = 0.5  # the first pause after a try without progress; it doubles, up to 8 s
-
-
-@functools.cache
-def _broken_stream_errors() -> tuple[type[BaseException], ...]:
-    """What a body read raises when its connection breaks (botocore wraps some, not all)."""
-    from botocore.exceptions import (
-        ConnectionClosedError,
-        IncompleteReadError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-    from urllib3.exceptions import ProtocolError
-    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
-
-    return (ConnectionError, TimeoutError, http.client.IncompleteRead, ProtocolError, Urllib3ReadTimeout,
-            ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 
 
 class S3Folder(Folder):
@@ -68,7 +48,7 @@ class S3Folder(Folder):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # botocore's exceptions, translated for humans
-            raise _explain_s3_error(exc, what, self.bucket) from exc
+            raise explain_s3_error(exc, what, self.bucket) from exc
 
     def _head(self, name: str) -> dict | None:
         from botocore.exceptions import ClientError
@@ -78,9 +58,9 @@ class S3Folder(Folder):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+            raise explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
         except Exception as exc:
-            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+            raise explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
 
     def exists(self, name: str) -> bool:
         return self._head(name) is not None
@@ -117,9 +97,9 @@ class S3Folder(Folder):
             if code in ("412", "PreconditionFailed"):
                 raise TransientError(f"{self.child_uri(name)} was replaced while it was being read; "
                                      "a retry reads the new one whole") from None
-            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+            raise explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
         except Exception as exc:
-            raise _explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
+            raise explain_s3_error(exc, f"reading {self.child_uri(name)}", self.bucket) from exc
 
     def delete(self, name: str) -> None:
         self._call(f"deleting {self.child_uri(name)}", self.client.delete_object,
@@ -266,164 +246,6 @@ class MultipartUpload(io.RawIOBase):
         self.spill_path.unlink(missing_ok=True)
 
 
-class _Stall(Exception):
-    """A try that brought no bytes but is worth another: `cause` is what the warning says happened."""
-
-    def __init__(self, cause: str, detail: BaseException | None = None):
-        super().__init__(cause)
-        self.cause = cause
-        self.detail = "" if detail is None else f" ({_brief(detail)})"
-
-
-def _brief(exc: BaseException) -> str:
-    """What went wrong underneath, in a few words ("Connection reset by peer"): the warnings and
-    the final error stay one short line each, not botocore's wrapper around urllib3's around it."""
-    root = _root_cause(exc)
-    text = root.strerror if isinstance(root, OSError) and root.strerror else str(root).strip()
-    text = text.splitlines()[0] if text else type(root).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The builtin error (ConnectionResetError, ConnectionRefusedError, TimeoutError) under the
-    wrappers, which keep it in kwargs["error"], in args or as __cause__ / __context__."""
-    for _ in range(8):
-        if type(exc).__module__ == "builtins":
-            break
-        inner = [getattr(exc, "kwargs", {}).get("error"), *exc.args, exc.__cause__, exc.__context__]
-        found = next((e for e in inner if isinstance(e, BaseException)), None)
-        if found is None:
-            break
-        exc = found
-    return exc
-
-
-def _how_it_broke(exc: BaseException) -> str:
-    """The words for a body read that failed: a timeout or a short answer is not a reset."""
-    from botocore.exceptions import IncompleteReadError
-    from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
-
-    if isinstance(exc, TimeoutError | Urllib3ReadTimeout):
-        return "timed out"
-    if isinstance(exc, IncompleteReadError | http.client.IncompleteRead):
-        return "the stream ended early"
-    return "reset"
-
-
-class ResumingBody(io.RawIOBase):
-    """An object's bytes; when the connection resets or the server stops mid-stream, reading goes
-    on from the byte reached (a Range request, If-Match the first answer's ETag, so a replaced
-    object is never spliced onto the old one). botocore retries failed requests, but not a
-    stream that breaks after its headers arrived: without this, a reset while build-corpus reads
-    an article part kills the step, and a server that stops mid-read looks like a corrupt file.
-
-    The body is read READ_PIECE bytes at a time, because a read that breaks loses what it had
-    received: a reset costs at most one piece, so a link that resets every few hundred kB still
-    gets through. For the same reason the budget counts only tries in a row that brought no new
-    byte (`stalls`): a link that keeps resetting but delivers is read through however many resets
-    it takes, and an endpoint that is gone fails after `stalls` tries.
-    """
-
-    def __init__(self, folder: S3Folder, name: str, stalls: int = READ_STALLS):
-        super().__init__()
-        self.folder, self.name, self.max_stalls = folder, name, stalls
-        self.uri = folder.child_uri(name)
-        first = folder.get_object(name)
-        self.length, self.etag = int(first["ContentLength"]), first["ETag"]
-        self.body = first["Body"]  # None after a break, until a new request answers
-        self.offset = 0
-        self.stalls, self.failed_at = 0, 0  # tries in a row without a new byte; the byte the last failure left at
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), READ_PIECE, self.length - self.offset)
-        while want > 0:
-            try:
-                data = self._read_piece(want)
-            except _Stall as stall:
-                self._after_failure(stall)
-                continue
-            buffer[: len(data)] = data
-            self.offset += len(data)
-            return len(data)
-        return 0
-
-    def readall(self) -> bytes:
-        """The rest, a piece per read (RawIOBase's own readall reads 8 KiB at a time)."""
-        rest = bytearray()
-        while piece := self.read(READ_PIECE):
-            rest += piece
-        return bytes(rest)
-
-    def _read_piece(self, want: int) -> bytes:
-        """Up to `want` bytes of the open answer, or of a new Range request if the last one broke.
-        A broken answer is dropped at once, so the next try never reads its closed body."""
-        if self.body is None:
-            self.body = self._request_rest()
-        try:
-            data = self.body.read(want)
-        except _broken_stream_errors() as exc:
-            self._drop_body()
-            raise _Stall(f"{_how_it_broke(exc)} at byte {self.offset:,} of {self.length:,}", exc) from exc
-        if not data:
-            self._drop_body()
-            raise _Stall(f"the stream ended early at byte {self.offset:,} of {self.length:,}")
-        return data
-
-    def _request_rest(self):
-        """The body of a Range request for the bytes not yet read, If-Match the first ETag."""
-        from botocore.exceptions import ClientError, HTTPClientError
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-
-        try:
-            answer = self.folder.client.get_object(Bucket=self.folder.bucket, Key=self.folder._key(self.name),
-                                                   Range=f"bytes={self.offset}-", IfMatch=self.etag)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("412", "PreconditionFailed", "404", "NoSuchKey"):
-                gone = "; it was deleted" if code in ("404", "NoSuchKey") else ""
-                raise TransientError(f"reading {self.uri}: the object changed (ETag {self.etag} no longer "
-                                     f"matches{gone}) after byte {self.offset:,} of {self.length:,} was read; "
-                                     "a retry reads the new one whole") from None
-            if code in TRANSIENT_S3_CODES:
-                raise _Stall(f"the server answered {code} to the resume at byte {self.offset:,}", exc) from exc
-            raise _explain_s3_error(exc, f"reading {self.uri}", self.folder.bucket) from exc
-        except (BotoConnectionError, HTTPClientError, *_broken_stream_errors()) as exc:
-            raise _Stall(f"cannot reach the endpoint {self.folder.client.meta.endpoint_url}", exc) from exc
-        return answer["Body"]
-
-    def _after_failure(self, stall: _Stall) -> None:
-        """Count the try (a try that brought bytes starts the count afresh), give up after
-        max_stalls in a row without progress, else warn with the cause and pause. No pause after a
-        try that made progress: that link works, and each pause would slow a link that resets
-        often but delivers; the pauses ride out an endpoint that is restarting."""
-        self.stalls = 0 if self.offset > self.failed_at else self.stalls + 1
-        self.failed_at = self.offset
-        if self.stalls >= self.max_stalls:
-            raise TransientError(f"reading {self.uri}: the connection broke off at byte {self.offset:,} of "
-                                 f"{self.length:,} and {self.stalls} tries in a row to resume got no further "
-                                 f"(last: {stall.cause}); a retry may pass (if it keeps failing, check the S3 "
-                                 "endpoint and the network)")
-        pause = min(RESUME_PAUSE_S * 2 ** (self.stalls - 1), 8) if self.stalls else 0
-        then = (f"trying again in {pause:g} s ({self.stalls} of {self.max_stalls} tries without progress)"
-                if self.stalls else "resuming from there")
-        log.warning("reading %s: %s%s; %s", self.uri, stall.cause, stall.detail, then)
-        time.sleep(pause)
-
-    def _drop_body(self) -> None:
-        if self.body is not None:
-            with contextlib.suppress(Exception):
-                self.body.close()
-            self.body = None
-
-    def close(self) -> None:
-        if not self.closed:
-            self._drop_body()
-        super().close()
-
-
 def s3_client():
     """A boto3 S3 client configured from the standard AWS environment and config files.
 
@@ -443,41 +265,3 @@ def s3_client():
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
-
-
-# Answers an S3 server gives when it is busy or briefly broken: worth a later try (botocore has
-# already retried them a few times within the call).
-TRANSIENT_S3_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
-                      "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
-
-
-def _explain_s3_error(exc: Exception, what: str, bucket: str) -> Exception:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        ReadTimeoutError,
-    )
-
-    if isinstance(exc, StepError):
-        return exc
-    if isinstance(exc, EndpointConnectionError):
-        return TransientError(f"{what}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}); "
-                              "check BERTDISTILL_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the network")
-    if isinstance(exc, ConnectionClosedError | ReadTimeoutError):
-        return TransientError(f"{what}: the connection to the S3 endpoint broke off ({exc}); a retry may pass")
-    if isinstance(exc, NoCredentialsError):
-        return StepError(f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY or an AWS profile")
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchBucket", "404", "NotFound"):
-            return StepError(f"{what}: bucket {bucket!r} does not exist; create it or fix the URI")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
-            return StepError(f"{what}: the S3 server rejected the credentials ({code}); check "
-                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions")
-        if code in TRANSIENT_S3_CODES:
-            return TransientError(f"{what}: the S3 server is busy or failing ({code}); a retry may pass")
-        return StepError(f"{what}: S3 error {code}: {exc}")
-    return exc
