@@ -230,8 +230,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from bertdistill.bert.checkpoints import load_teacher
+    from bertdistill.report_figures import calibration_error, paired_gain
     from bertdistill.shards import open_labels
-    from bertdistill.steps.evaluate import calibration_error, paired_gain
 
     teacher_dir, labels = (args.teacher, args.labels) if args.teacher and args.labels else find_run(args.run)
     teacher_config, teacher_weights, vocab = load_teacher(teacher_dir, str(teacher_dir))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bertdistill.report_chart import chart, figure
-from bertdistill.steps.evaluate import calibration_error, paired_gain, verdict
+from bertdistill.report_figures import calibration_error, paired_gain, verdict
 
 
 def test_the_gain_interval_covers_the_true_gain_and_excludes_zero_only_when_it_should():
