@@ -128,7 +128,9 @@ def test_no_number_field_is_clamped_by_the_form(airflow_env):
 def test_every_form_field_says_what_it_is_and_the_switches_are_not_required(airflow_env):
     out = _python(airflow_env, PARSE, airflow_env["AIRFLOW__CORE__DAGS_FOLDER"])
     form = out["form"]
-    assert len(form) == 21
+    from bertdistill.orchestration.plan import DEFAULTS
+
+    assert set(form) == set(DEFAULTS)  # every run setting is on the form, and nothing else
     assert form["size"]["enum"] == ["full", "demo"] and form["size"]["default"] == "full"
     for name, schema in form.items():
         assert len(schema["description"] or "") >= 20, name
