@@ -163,6 +163,32 @@ def append_bytes_feature(example: bytes, key: bytes, value: bytes) -> bytes:
     return b"\x0a" + varint(len(body)) + body
 
 
+def split_label(labelled: bytes) -> tuple[bytes, bytes] | None:
+    """A labelled record -> (the example as make-examples wrote it, the label's map entry), or None
+    when its last feature is not the label: what a label cache keys on and what it keeps."""
+    if labelled[:1] != b"\x0a":
+        return None
+    length, start = read_varint(labelled, 1)
+    end, at, last = start + length, start, start
+    while at < end:
+        last = at
+        size, at = read_varint(labelled, at + 1)
+        at += size
+    entry = labelled[last:end]
+    _, key_at = read_varint(entry, 1)
+    if entry[key_at : key_at + 2 + len(LABEL_FEATURE)] != b"\x0a" + varint(len(LABEL_FEATURE)) + LABEL_FEATURE:
+        return None
+    body = labelled[start:last]
+    return b"\x0a" + varint(len(body)) + body, entry
+
+
+def join_label(example: bytes, entry: bytes) -> bytes:
+    """split_label's inverse: the same bytes append_bytes_feature made."""
+    length, at = read_varint(example, 1)
+    body = example[at : at + length] + entry
+    return b"\x0a" + varint(len(body)) + body
+
+
 def read_labelled(f: BinaryIO, max_predictions: int, k: int, name: str = "<stream>"
                   ) -> Iterator[dict[str, np.ndarray]]:
     for payload in read_records(f, name):

@@ -1,9 +1,15 @@
-"""A whole-file shuffle of framed TFRecords in bounded memory: the two-pass external shuffle.
+"""A whole-file shuffle of framed TFRecords in bounded memory: an external sort by random keys.
 
-Pass one sends every record to a random one of `buckets` temporary files; pass two permutes
-each bucket in memory and appends it to the output. Each record lands in a uniformly random
-place of the output, and memory holds one bucket, never the file. Seeds come from the
-caller, so the same input in the same order gives the same bytes.
+Every record comes with a 64-bit key that is a hash of what made it (make-examples: the document's
+content, the dupe pass and the instance's place in the document), and the output is the records
+in key order. Hash keys make that a uniform shuffle, as Google's whole-shard shuffle is, and a
+stable one: next month, the examples of an unchanged article keep their keys, so they keep their
+order relative to each other and the first N examples of a shard are mostly last month's first
+N, whose teacher labels label-teacher can reuse.
+
+Pass one sends each record to the bucket of its key's top bits (a range of keys), with the keys
+beside it; pass two sorts each bucket in memory and appends it to the output. Memory holds one
+bucket, never the file.
 """
 
 from __future__ import annotations
@@ -20,23 +26,26 @@ from bertdistill.tfrecord import split_framed
 
 
 @contextmanager
-def shuffled_output(out: BinaryIO, buckets: int, seed: int, scratch: Path) -> Iterator:
-    """Yields add(framed_records, rng): scatter a batch of records; the shuffled file is written on exit."""
+def shuffled_output(out: BinaryIO, buckets: int, scratch: Path) -> Iterator:
+    """Yields add(framed_records, keys): a batch of records and their uint64 keys; the records are
+    written to `out` in key order on exit (equal keys in the order they were added)."""
     with tempfile.TemporaryDirectory(dir=scratch, prefix="buckets-") as tmp, ExitStack() as stack:
         files = [stack.enter_context(open(Path(tmp) / f"{b:05d}", "w+b")) for b in range(buckets)]
+        key_files = [stack.enter_context(open(Path(tmp) / f"{b:05d}.keys", "w+b")) for b in range(buckets)]
 
-        def add(data: bytes, rng: np.random.Generator) -> None:
-            if buckets == 1:
-                files[0].write(data)
-                return
+        def add(data: bytes, keys: np.ndarray) -> None:
             records = split_framed(data)
-            target = rng.integers(0, buckets, len(records))
+            keys = keys.astype(np.uint64)
+            target = ((keys >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)  # monotone in the key
             for b in np.unique(target):
-                files[b].write(b"".join(records[i] for i in np.flatnonzero(target == b)))
+                chosen = np.flatnonzero(target == b)
+                files[b].write(b"".join(records[i] for i in chosen))
+                key_files[b].write(keys[chosen].tobytes())
 
         yield add
-        for b, f in enumerate(files):
+        for f, k in zip(files, key_files, strict=True):
             f.seek(0)
+            k.seek(0)
             records = split_framed(f.read())
-            order = np.random.default_rng([seed, b, 2]).permutation(len(records))
+            order = np.argsort(np.frombuffer(k.read(), dtype=np.uint64), kind="stable")
             out.writelines(records[i] for i in order)  # no joined copy of the bucket beside it

@@ -7,21 +7,33 @@ probability short_seq_prob), a random next segment from another document half th
 whole words. Two things differ, both for memory and speed at Wikipedia scale:
 
 * Streaming. Google's script keeps every document and every instance in memory (tens of
-  GB on full Wikipedia). Here documents are read in chunks of at least CHUNK_CHARS
-  characters and MIN_DOCS documents; each chunk yields its examples for all dupe_factor
+  GB on full Wikipedia). Here documents are read in chunks of BOUNDARY_EVERY documents
+  on average (about 150 KB of Wikipedia text); each chunk yields its examples for all dupe_factor
   passes, and the random next segment comes from another document of the same chunk.
-  The shard is then shuffled as a whole, as Google's is, by shuffle.py's two-pass external
-  shuffle in buckets of about BUCKET_BYTES. A chunk-local
+  The shard is then shuffled as a whole, as Google's is, by shuffle.py's external sort on
+  hash keys, in buckets of about BUCKET_BYTES. A chunk-local
   shuffle left the dupe_factor copies of a document within a few thousand consecutive
   records, so a student met the same sentence again every few dozen steps.
 * Parallel and vectorised. Chunks go to a process per core; each tokenizes with the
   Rust WordPiece, builds instances as integer ranges into one token array, then masks and
-  encodes whole batches with numpy. Every chunk seeds its own generators from
-  (random_seed, chunk index), so the output is byte-identical for any number of workers.
+  encodes whole batches with numpy.
+* Per document. Every random draw is seeded from (random_seed, dupe pass, a hash of the
+  document's text), and each instance's masking and place in the shard from that and its
+  ordinal in the document; the random next document is picked by rendezvous hashing among the
+  chunk's documents (uniform over the others, and unchanged unless the one picked, or a new one
+  that outranks it, changed); a chunk ends after a document whose hash is 0 mod BOUNDARY_EVERY
+  (or, rarely, at MAX_CHUNK_CHARS), so an edit moves no boundary but its own. A boundary that
+  also needed a minimum size moved every later one: a third of a month's examples changed for
+  three edited articles, where this keeps 95% of them. So the output is byte-identical
+  for any number of workers, and next month an unchanged article yields the same examples, in
+  the same order relative to each other, as this month: label-teacher reuses their labels.
+  Google's script draws everything from one generator, so one edited article changed every
+  example after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import multiprocessing
@@ -45,8 +57,8 @@ from bertdistill.shuffle import shuffled_output
 from bertdistill.store import scratch_dir, split_uri
 from bertdistill.tokenization import Vocab, wordpiece_tokenizer
 
-CHUNK_CHARS = 256 * 1024
-MIN_DOCS = 16
+BOUNDARY_EVERY = 32  # a chunk ends after a document whose content hash is 0 mod this
+MAX_CHUNK_CHARS = 4 << 20  # memory's bound: a chunk ends here too (e^-100 of chunks at 40 KB per article)
 BATCH = 4096
 BUCKET_BYTES = 16 << 20  # what the shuffle holds in memory at once: one bucket, read whole to permute
 MAX_BUCKETS = 512  # files open at once; past 8 GB of examples in one shard, buckets grow instead
@@ -119,7 +131,7 @@ def run(params: MakeExamplesParams) -> Manifest:
     out_folder, out_name = split_uri(params.output)
     fingerprint = {k: v for k, v in asdict(params).items() if k not in ("input", "output", "vocab_file",
                                                                           "workers", "force")}
-    fingerprint["schema"] = 2
+    fingerprint["schema"] = 3
 
     def work(writer: OutputWriter) -> dict:
         with vocab_folder.local_copy(vocab_name) as vocab_path:
@@ -150,10 +162,11 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
     buckets = min(MAX_BUCKETS, max(1, -(-size * params.dupe_factor * OUTPUT_BYTES_PER_INPUT_BYTE // BUCKET_BYTES)))
     # The Rust tokenizer must not start its own thread pool before we fork workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with shuffled_output(out, buckets, params.random_seed, scratch_dir()) as add:
-        def scatter(index: int, result: tuple[bytes, int, int], consumed: int) -> None:
-            data, examples, documents = result
-            add(data, np.random.default_rng([params.random_seed, index, 1]))
+    with shuffled_output(out, buckets, scratch_dir()) as add:
+        def scatter(result: tuple[bytes, np.ndarray, int], consumed: int) -> None:
+            data, keys, documents = result
+            add(data, keys)
+            examples = len(keys)
             totals["examples"] += examples
             totals["documents"] += documents
             totals["chunks"] += 1
@@ -162,8 +175,8 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
         chunks = _read_chunks(text, params.input)
         if workers == 1:
             _init_worker(ctx)
-            for index, docs, consumed in chunks:
-                scatter(index, _build_chunk(index, docs), consumed)
+            for docs, consumed in chunks:
+                scatter(_build_chunk(docs), consumed)
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             # Workers die with this step, SIGKILL included (children.py); forked from the main thread.
@@ -171,14 +184,14 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
                                      initializer=children.pool_initializer,
                                      initargs=(os.getpid(), _init_worker, ctx)) as pool:
                 pending: deque = deque()
-                for index, docs, consumed in chunks:
-                    pending.append((index, pool.submit(_build_chunk, index, docs), consumed))
+                for docs, consumed in chunks:
+                    pending.append((pool.submit(_build_chunk, docs), consumed))
                     if len(pending) > 2 * workers:  # bounded: memory stays flat on any input
-                        done, future, done_bytes = pending.popleft()
-                        scatter(done, future.result(), done_bytes)
+                        future, done_bytes = pending.popleft()
+                        scatter(future.result(), done_bytes)
                 while pending:
-                    done, future, done_bytes = pending.popleft()
-                    scatter(done, future.result(), done_bytes)
+                    future, done_bytes = pending.popleft()
+                    scatter(future.result(), done_bytes)
     totals["seconds"] = round(progress.elapsed, 3)
     totals["shuffle_buckets"] = buckets
     if totals["examples"] == 0:
@@ -186,11 +199,16 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
     return totals
 
 
+def document_key(sentences: list[str]) -> int:
+    """A document's 64-bit content hash: what its random draws are seeded from, month after month."""
+    return int.from_bytes(hashlib.blake2b("\n".join(sentences).encode(), digest_size=8).digest(), "little")
+
+
 def _read_chunks(text: BinaryIO, uri: str):
-    """Yield (chunk index, documents as lists of sentences, characters read so far)."""
+    """Yield (documents as lists of sentences, characters read so far)."""
     docs: list[list[str]] = []
     doc: list[str] = []
-    chars = read = index = 0
+    chars = read = 0
     try:
         with io.TextIOWrapper(text, encoding="utf-8") as f:
             for line in f:
@@ -203,16 +221,15 @@ def _read_chunks(text: BinaryIO, uri: str):
                 if doc:
                     docs.append(doc)
                     doc = []
-                    if chars >= CHUNK_CHARS and len(docs) >= MIN_DOCS:
-                        yield index, docs, read
-                        index += 1
+                    if document_key(docs[-1]) % BOUNDARY_EVERY == 0 or chars >= MAX_CHUNK_CHARS:
+                        yield docs, read
                         docs, chars = [], 0
     except UnicodeDecodeError as exc:
         raise StepError(f"{uri}: not UTF-8 text ({exc}); make-examples reads build-corpus output") from None
     if doc:
         docs.append(doc)
     if docs:
-        yield index, docs, read
+        yield docs, read
 
 
 _CTX: _Context | None = None
@@ -224,14 +241,14 @@ def _init_worker(ctx: _Context) -> None:
     _CTX = ctx
 
 
-def _build_chunk(index: int, docs: list[list[str]]) -> tuple[bytes, int, int]:
-    """All examples of one chunk, framed: (records, example count, document count)."""
+def _build_chunk(docs: list[list[str]]) -> tuple[bytes, np.ndarray, int]:
+    """All examples of one chunk, framed, with their shuffle keys: (records, keys, document count)."""
     ctx = _CTX
     sentences = list(chain.from_iterable(docs))
     encodings = ctx.tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
     lengths = [len(e.ids) for e in encodings]
     flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=sum(lengths))
-    doc_starts, doc_lens = [], []
+    doc_starts, doc_lens, doc_keys = [], [], []
     offset = k = 0
     for doc in docs:
         starts, lens = [], []
@@ -245,26 +262,67 @@ def _build_chunk(index: int, docs: list[list[str]]) -> tuple[bytes, int, int]:
         if lens:
             doc_starts.append(starts)
             doc_lens.append(lens)
+            doc_keys.append(document_key(doc))
 
-    pyrng = random.Random(f"{ctx.random_seed}:{index}")
-    rng = np.random.default_rng([ctx.random_seed, index])
+    keys = np.array(doc_keys, dtype=np.uint64)
     instances: list[tuple[int, int, int, int, int]] = []
-    for _ in range(ctx.dupe_factor):
-        for d in range(len(doc_lens)):
-            _document_instances(d, doc_starts, doc_lens, ctx.L - 3, ctx.short_seq_prob, pyrng, instances)
+    owners: list[tuple[int, int, int]] = []  # (document key, dupe pass, ordinal in the document's pass)
+    for dupe in range(ctx.dupe_factor):
+        for d, key in enumerate(doc_keys):
+            before = len(instances)
+            rng = random.Random((ctx.random_seed << 96) | (dupe << 64) | key)
+            _document_instances(d, doc_starts, doc_lens, ctx.L - 3, ctx.short_seq_prob, rng, keys, instances)
+            owners.extend((key, dupe, i) for i in range(len(instances) - before))
     if not instances:
-        return b"", 0, len(doc_lens)
-    table = np.array(instances, dtype=np.int64)[rng.permutation(len(instances))]
-    data = b"".join(encode_pretraining(_mask_batch(table[i : i + BATCH], flat, ctx, rng, pyrng))
+        return b"", np.zeros(0, np.uint64), len(doc_lens)
+    table = np.array(instances, dtype=np.int64)
+    owner = np.array(owners, dtype=np.uint64)
+    seeds = _mix64(_mix64(owner[:, 0] ^ _mix64(np.uint64(ctx.random_seed)))
+                   + (owner[:, 1] << np.uint64(32)) + owner[:, 2])
+    data = b"".join(encode_pretraining(_mask_batch(table[i : i + BATCH], seeds[i : i + BATCH], flat, ctx))
                     for i in range(0, len(table), BATCH))
-    return data, len(table), len(doc_lens)
+    return data, seeds, len(doc_lens)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: uint64 -> uint64, each output bit depending on every input bit
+    (a counter-based generator: a row's draws follow from its seed alone, in any batch)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _uniform(seeds: np.ndarray, stream: int, width: int) -> np.ndarray:
+    """[len(seeds), width] floats in [0, 1): row r from seeds[r] alone, a separate stream per use."""
+    with np.errstate(over="ignore"):  # SplitMix64's sequence from each seed, from draw stream << 32 on
+        counters = (np.arange(width, dtype=np.uint64) + np.uint64(stream << 32)) * _GOLDEN
+        bits = _mix64(seeds[:, None] + counters[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _random_other(d: int, point: int, keys: np.ndarray) -> int:
+    """Rendezvous hashing: the document (not d) scoring highest for this draw. Uniform over the
+    others, and the same next month unless that document, or a new one scoring higher, changed."""
+    if len(keys) == 1:
+        return d
+    scores = _mix64(keys ^ np.uint64(point))
+    scores[d] = 0
+    return int(scores.argmax())
 
 
 def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list[int]], max_tokens: int,
-                        short_seq_prob: float, rng: random.Random, out: list) -> None:
+                        short_seq_prob: float, rng: random.Random, keys: np.ndarray, out: list) -> None:
     """Google's create_instances_from_document, on token ranges instead of token lists:
     each instance is (A start, A length, B start, B length, is_random_next) into the flat
-    token array, since A and B are always runs of consecutive sentences."""
+    token array, since A and B are always runs of consecutive sentences. The random document
+    comes from `_random_other` over the chunk's document keys instead of a uniform index, and
+    nothing about it (its length, how long the trim of the pair) changes how many draws the
+    document's generator gives: a changed random document changes that instance alone."""
     starts, lens = doc_starts[d], doc_lens[d]
     n = len(lens)
     target = max_tokens
@@ -280,13 +338,10 @@ def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list
             la = starts[first + a_end - 1] + lens[first + a_end - 1] - a_start
             if m == 1 or rng.random() < 0.5:
                 is_random = 1
-                other = d
-                for _ in range(10):
-                    other = rng.randint(0, len(doc_lens) - 1)
-                    if other != d:
-                        break
+                point = rng.getrandbits(64)
+                other = _random_other(d, point, keys)
                 ostarts, olens = doc_starts[other], doc_lens[other]
-                j = rng.randint(0, len(olens) - 1)
+                j = (point >> 16) % len(olens)  # from the same draw: the other's length shifts no later draw
                 b_start, lb, target_b = ostarts[j], 0, target - la
                 while j < len(olens):
                     lb += olens[j]
@@ -298,14 +353,15 @@ def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list
                 is_random = 0
                 b_start = a_start + la
                 lb = starts[i] + lens[i] - b_start
+            coins = random.Random(rng.getrandbits(64))  # one draw, however long the trim
             while la + lb > max_tokens:  # Google's truncate_seq_pair: trim the longer side
                 if la > lb:
                     la -= 1
-                    if rng.random() < 0.5:
+                    if coins.random() < 0.5:
                         a_start += 1
                 else:
                     lb -= 1
-                    if rng.random() < 0.5:
+                    if coins.random() < 0.5:
                         b_start += 1
             if la >= 1 and lb >= 1:
                 out.append((a_start, la, b_start, lb, is_random))
@@ -313,9 +369,9 @@ def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list
         i += 1
 
 
-def _mask_batch(table: np.ndarray, flat: np.ndarray, ctx: _Context, rng: np.random.Generator,
-                pyrng: random.Random) -> PretrainingBatch:
-    """[CLS] A [SEP] B [SEP] rows, padded, with masked-LM predictions, for a batch of instances."""
+def _mask_batch(table: np.ndarray, seeds: np.ndarray, flat: np.ndarray, ctx: _Context) -> PretrainingBatch:
+    """[CLS] A [SEP] B [SEP] rows, padded, with masked-LM predictions, for a batch of instances;
+    each row's masking drawn from its own seed."""
     cls_id, sep_id, mask_id = ctx.special
     L, P = ctx.L, ctx.P
     a_start, la, b_start, lb, is_random = (table[:, c] for c in range(5))
@@ -337,9 +393,9 @@ def _mask_batch(table: np.ndarray, flat: np.ndarray, ctx: _Context, rng: np.rand
     to_predict = np.minimum(P, np.maximum(1, np.round(n_tokens * ctx.masked_lm_prob).astype(np.int64)))
 
     if ctx.whole_word:
-        positions = _whole_word_positions(ids, candidate, to_predict, ctx, pyrng)
+        positions = _whole_word_positions(ids, candidate, to_predict, ctx, seeds)
     else:
-        keys = rng.random((n, L), dtype=np.float32)
+        keys = _uniform(seeds, 0, L)
         keys[~candidate] = 2.0
         order = np.argsort(keys, axis=1)[:, :P]
         picked = (np.arange(P)[None, :] < to_predict[:, None]) & (np.take_along_axis(keys, order, 1) < 2.0)
@@ -348,9 +404,9 @@ def _mask_batch(table: np.ndarray, flat: np.ndarray, ctx: _Context, rng: np.rand
     valid = positions < L
     positions = np.where(valid, positions, 0)
     original = np.take_along_axis(ids, positions, 1)
-    draw = rng.random((n, P))
-    keep = rng.random((n, P)) < 0.5
-    random_ids = rng.integers(0, len(ctx.vocab_tokens), (n, P))
+    draw = _uniform(seeds, 1, P)
+    keep = _uniform(seeds, 2, P) < 0.5
+    random_ids = (_uniform(seeds, 3, P) * len(ctx.vocab_tokens)).astype(np.int64)
     replacement = np.where(draw < 0.8, mask_id, np.where(keep, original, random_ids))
     r, c = np.nonzero(valid)
     ids[r, positions[r, c]] = replacement[r, c]
@@ -366,7 +422,7 @@ def _mask_batch(table: np.ndarray, flat: np.ndarray, ctx: _Context, rng: np.rand
 
 
 def _whole_word_positions(ids: np.ndarray, candidate: np.ndarray, to_predict: np.ndarray, ctx: _Context,
-                          rng: random.Random) -> np.ndarray:
+                          seeds: np.ndarray) -> np.ndarray:
     """Google's whole-word masking: shuffle words, take whole words while they fit."""
     L, P = ctx.L, ctx.P
     positions = np.full((len(ids), P), L, dtype=np.int64)
@@ -378,7 +434,7 @@ def _whole_word_positions(ids: np.ndarray, candidate: np.ndarray, to_predict: np
                 words[-1].append(p)
             else:
                 words.append([p])
-        rng.shuffle(words)
+        random.Random(int(seeds[r])).shuffle(words)
         chosen: list[int] = []
         limit = int(to_predict[r])
         for word in words:
