@@ -195,7 +195,7 @@ def s3_prefix(s3_env, request) -> str:
 
 @pytest.fixture(scope="session")
 def small_examples(tmp_path_factory, corpus, sample):
-    """~2,600 examples: the held-out text shard at dupe_factor 1."""
+    """~1,500 examples: the held-out text shard at dupe_factor 1 (1,400 to 2,000 by seed)."""
     out = tmp_path_factory.mktemp("ex") / "heldout" / "shard-00000.tfrecord"
     run_cli("make-examples", "--input", str(corpus / "text" / "heldout" / "shard-00000.txt"), "--output", str(out),
             "--vocab-file", str(sample / "vocab.txt"), "--dupe-factor", "1", check=True)

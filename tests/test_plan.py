@@ -274,6 +274,9 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     labels = planning.label_teacher_args(two, two.adapted_teacher)[-1]
     assert labels[labels.index("--input") + 1].endswith("temporal/shard-00000.tfrecord")
     assert labels[labels.index("--max-examples") + 1] == "50000"  # as many as evaluate reads
+    for args in planning.label_teacher_args(two, two.adapted_teacher):  # labels of unchanged examples copied
+        assert args[args.index("--reuse") + 1] == f"{one.run}/labels/{planning.examples_key(one.params)}"
+    assert "--reuse" not in planning.label_teacher_args(one, one.adapted_teacher)[0]
     assert planning.FRESH_SHARD not in planning.text_shards(two)  # a cold student reads the whole month only
     evaluate = planning.evaluate_args(two, two.adapted_teacher)
     assert evaluate[evaluate.index("--temporal") + 1].endswith("/temporal")
@@ -288,6 +291,7 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     assert tasks.teacher_ready(two)["teacher"] == one.adapted_teacher
     forced = planning.make_plan(TRIAL | {"force": True}, settings, "20261101", previous="20261001")
     assert tasks.teacher_needs_head(forced) is True and tasks.teacher_ready(forced)["teacher"] == forced.teacher
+    assert "--reuse" not in planning.label_teacher_args(forced, forced.teacher)[0]  # force labels everything
     _commit(two.teacher, summary={"heads": ["pooler"], "refetched": True})  # another teacher under the same name
     assert tasks.teacher_needs_head(two) is True and tasks.teacher_ready(two)["teacher"] == two.teacher
 

@@ -263,6 +263,11 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     # month one's adapted teacher (same teacher, same settings) labels month two: no adapt_teacher run
     assert "adapt_teacher" not in ran and "label_teacher" in ran and not (month_two / "teachers").exists()
     [adapted] = (root / "store" / "runs" / "enwiki-20160101" / "teachers").glob("*/*/*")
+    # month two's held-out labels are month one's wherever its examples are: its articles mostly did not change
+    [heldout] = month_two.glob("labels/*/*/heldout/_MANIFEST.shard-00000.tfrecord.json")
+    labelled = json.loads(heldout.read_text())["summary"]
+    assert labelled["examples"] > labelled["reused"] > labelled["examples"] / 2, labelled
+    assert labelled["reused_from"][0].startswith(str(root / "store" / "runs" / "enwiki-20160101" / "labels"))
     [student] = (month_two / "students").iterdir()
     evaluated = json.loads((student / "report" / "_MANIFEST.json").read_text())
     assert evaluated["inputs"]["teacher"].split()[0] == str(adapted)

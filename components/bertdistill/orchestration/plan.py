@@ -336,14 +336,19 @@ def adapt_teacher_args(plan: Plan) -> list[str]:
 
 
 def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
-    """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads."""
+    """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads;
+    with a month before (and no `force`), copying the labels of the examples it made the same."""
+    p = plan.params
     labels = labels_folder(plan, teacher)
     heldout = default(EvaluateParams, "max_examples")
-    fresh = math.ceil(train_steps(plan) * plan.params.batch_size * fresh_share(plan))  # what one group draws
+    fresh = math.ceil(train_steps(plan) * p.batch_size * fresh_share(plan))  # what one group draws
     cap = {"train": train_labels_per_shard(plan), "heldout": heldout, "temporal": heldout, "fresh": fresh}
+    reuse = []
+    if plan.previous and not p.force:
+        reuse = ["--reuse", in_month(plan, _join(plan.run, "labels", examples_key(p)), plan.previous)]
     return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
-             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(plan.params.top_k),
-             "--max-examples", str(cap[s.split("/")[0]]), *_force(plan)]
+             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(p.top_k),
+             "--max-examples", str(cap[s.split("/")[0]]), *reuse, *_force(plan)]
             for s in text_shards(plan)]
 
 

@@ -9,6 +9,11 @@ fp32 + int64 cache took 1.3 KB and dropped the rest mass and the next-sentence o
 Labels are only valid for examples tokenized with the teacher's vocab: the example
 shard's manifest records its vocab's sha256, and a mismatch is refused.
 
+Given last month's labels (`--reuse`), an example found there byte for byte, labelled by this
+teacher with this k, gets its label copied (label_cache.py): make-examples makes the same examples
+for an unchanged article, so a month labels only what changed. A shard whose examples are all
+found never imports TensorFlow or loads the teacher.
+
 The teacher runs in float32 on every device, with TensorFloat-32 matmuls off: labels are
 made once and read for every student, and bfloat16 labelling (emulated on the demo
 teacher) moved top-10 probabilities by up to 11.7% and changed the top-10 list in half
@@ -20,17 +25,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from itertools import islice
 
 from bertdistill.device import accelerator
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
+from bertdistill.label_cache import example_key, previous_labels
 from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.progress import Progress
-from bertdistill.records import LABEL_FEATURE, TOP_K, append_bytes_feature, encode_labels
+from bertdistill.records import LABEL_FEATURE, TOP_K, encode_labels, join_label
 from bertdistill.shards import check_label_vocab, examples_info
 from bertdistill.store import split_uri
 from bertdistill.teachers import staged_teacher, teacher_identity
-from bertdistill.tfrecord import frame
+from bertdistill.tfrecord import bytes_entry, bytes_list_body, frame, read_records
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +46,18 @@ log = logging.getLogger(__name__)
 class LabelTeacherParams:
     teacher: str = flag(help="teacher folder URI (with a masked-LM head)")
     input: str = flag(help="example shard URI (from make-examples)")
-    output: str = flag(help="labelled shard URI to write")
+    output: str = flag(help="labelled shard URI to write (<labels>/<set>/<split>/<shard>.tfrecord)")
     top_k: int = flag(TOP_K, minimum=1, help="probabilities kept per masked position")
     batch_size: int = flag(64, minimum=1, help="examples per inference batch")
     max_examples: int = flag(0, help="label only the first N examples of the shard (0: all): the DAG passes what "
                              "distill will consume, so the teacher never labels examples nobody trains on")
+    reuse: str | None = flag(None, help="last month's labels folder (<labels>, holding <set>/<split>/<shard>"
+                             ".tfrecord): the labels of examples found there, made by this teacher with this k, "
+                             "are copied instead of recomputed")
     force: bool = False
+
+
+WINDOW = 16  # batches of records looked up at once: misses are labelled in full batches
 
 
 def run(params: LabelTeacherParams) -> Manifest:
@@ -58,24 +71,23 @@ def run(params: LabelTeacherParams) -> Manifest:
         fingerprint["max_examples"] = params.max_examples
 
     def work(writer: OutputWriter) -> dict:
-        from bertdistill.bert.checkpoints import load_teacher
-
-        with staged_teacher(params.teacher) as local:
-            config, weights, vocab = load_teacher(local, params.teacher)
-        check_label_vocab(config.vocab_size, params.teacher)
-        if vocab.sha256 != info["vocab_sha256"]:
-            raise StepError(f"{params.input} was made with another vocab (sha256 {info['vocab_sha256'][:12]}…) "
-                            f"than teacher {params.teacher} (sha256 {vocab.sha256[:12]}…): remake the examples "
-                            "with the teacher's vocab.txt")
-        if params.top_k > config.vocab_size:
-            raise StepError(f"--top-k {params.top_k} is larger than the vocab ({config.vocab_size})")
+        cache, used = {}, []
+        if params.reuse:
+            shard = "/".join(params.output.rstrip("/").rsplit("/", 2)[-2:])  # <split>/<shard>.tfrecord
+            wanted = {"weights_sha256": identity["weights_sha256"], "top_k": params.top_k,
+                      "vocab_sha256": info["vocab_sha256"], "max_seq_length": info["max_seq_length"],
+                      "max_predictions_per_seq": info["max_predictions_per_seq"]}
+            cache, used = previous_labels(params.reuse, shard, wanted)
+        teacher = _Teacher(params, info)
         with writer.stream(out_name) as out:  # examples streamed in, labelled records streamed out
-            summary = _label(params.input, out, config, weights, info, params)
+            summary = _label(params, out, teacher, cache)
         writer.note(out_name, records=summary["examples"])
-        summary.update(teacher=identity, top_k=params.top_k, vocab_sha256=vocab.sha256,
-                       max_seq_length=info["max_seq_length"], max_predictions_per_seq=info["max_predictions_per_seq"])
-        print(f"label-teacher: {summary['examples']:,} examples labelled (k={params.top_k}) in "
-              f"{summary['seconds']:.1f} s, {summary['examples_per_second']:,.0f} examples/s, "
+        summary.update(teacher=identity, top_k=params.top_k, vocab_sha256=info["vocab_sha256"],
+                       max_seq_length=info["max_seq_length"], max_predictions_per_seq=info["max_predictions_per_seq"],
+                       reused_from=used)
+        print(f"label-teacher: {summary['examples']:,} examples labelled (k={params.top_k}; {summary['reused']:,} "
+              f"reused from last month's labels) in {summary['seconds']:.1f} s, "
+              f"{summary['examples_per_second']:,.0f} examples/s, "
               f"{summary['label_bytes_per_example']:.0f} label bytes/example -> {params.output}")
         return summary
 
@@ -100,55 +112,95 @@ def make_labeller(model, k: int, jit: bool):
     return label
 
 
-def _label(uri: str, out, config, weights, info: dict, params: LabelTeacherParams) -> dict:
-    import tensorflow as tf
+class _Teacher:
+    """The teacher, loaded on the first example it must label: a shard found whole in last month's
+    labels never imports TensorFlow."""
 
-    from bertdistill.bert.model import Bert
-    from bertdistill.tfdata import pretraining_spec
-    from bertdistill.tfdata import records as record_stream
+    def __init__(self, params: LabelTeacherParams, info: dict):
+        self.params, self.info = params, info
+        self.labeller = None
+        self.positions = 0
+        self.topk_mass = 0.0
 
-    L, P = info["max_seq_length"], info["max_predictions_per_seq"]
-    gpu, _ = accelerator()
-    dtype = "float32"
-    tf.config.experimental.enable_tensor_float_32_execution(False)
-    model = Bert(config)
-    model.assign(weights)
-    labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
-    spec = pretraining_spec(L, P)
-    records = record_stream([uri])
-    if params.max_examples:
-        records = records.take(params.max_examples)
-    dataset = (records.batch(params.batch_size)
-               .map(lambda raw: (raw, tf.io.parse_example(raw, spec)), num_parallel_calls=2)
-               .prefetch(2))
-    total = info.get("records")
+    def _load(self) -> None:
+        import tensorflow as tf
+
+        from bertdistill.bert.checkpoints import load_teacher
+        from bertdistill.bert.model import Bert
+        from bertdistill.tfdata import pretraining_spec
+
+        params = self.params
+        with staged_teacher(params.teacher) as local:
+            config, weights, vocab = load_teacher(local, params.teacher)
+        check_label_vocab(config.vocab_size, params.teacher)
+        if vocab.sha256 != self.info["vocab_sha256"]:
+            raise StepError(f"{params.input} was made with another vocab (sha256 {self.info['vocab_sha256'][:12]}…) "
+                            f"than teacher {params.teacher} (sha256 {vocab.sha256[:12]}…): remake the examples "
+                            "with the teacher's vocab.txt")
+        if params.top_k > config.vocab_size:
+            raise StepError(f"--top-k {params.top_k} is larger than the vocab ({config.vocab_size})")
+        gpu, _ = accelerator()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        model = Bert(config)
+        model.assign(weights)
+        self.labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
+        self.spec = pretraining_spec(self.info["max_seq_length"], self.info["max_predictions_per_seq"])
+
+    def label(self, examples: list[bytes]) -> list[bytes]:
+        """Each example's label, as the map entry label-teacher appends to it."""
+        import tensorflow as tf
+
+        if self.labeller is None:
+            self._load()
+        batch = tf.io.parse_example(tf.constant(examples), self.spec)
+        ids, probs, rest, nsp = self.labeller(*(tf.cast(batch[name], tf.int32) for name in (
+            "input_ids", "input_mask", "segment_ids", "masked_lm_positions")))
+        real = batch["masked_lm_weights"].numpy() > 0
+        self.positions += int(real.sum())
+        self.topk_mass += float((1.0 - rest.numpy())[real].sum())
+        blobs = encode_labels(real.sum(axis=1), ids.numpy(), probs.numpy(), rest.numpy(), nsp.numpy())
+        return [bytes_entry(LABEL_FEATURE, bytes_list_body([blob])) for blob in blobs]
+
+
+def _windows(records, size: int):
+    window = []
+    for record in records:
+        window.append(record)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _label(params: LabelTeacherParams, out, teacher: _Teacher, cache: dict[bytes, bytes]) -> dict:
+    """Every example of the shard (its first --max-examples), in order, with its label: copied from
+    the cache when found there, else from the teacher in batches of --batch-size."""
+    folder, name = split_uri(params.input)
+    total = teacher.info.get("records")
     if params.max_examples and total is not None:
         total = min(total, params.max_examples)
     progress = Progress(log, "label-teacher", total)
-    examples = label_bytes = positions = 0
-    topk_mass = 0.0
-    try:
-        for raw, batch in dataset:
-            ids, probs, rest, nsp = labeller(tf.cast(batch["input_ids"], tf.int32),
-                                             tf.cast(batch["input_mask"], tf.int32),
-                                             tf.cast(batch["segment_ids"], tf.int32),
-                                             tf.cast(batch["masked_lm_positions"], tf.int32))
-            real = batch["masked_lm_weights"].numpy() > 0
-            n_real = real.sum(axis=1)
-            positions += int(real.sum())
-            topk_mass += float((1.0 - rest.numpy())[real].sum())
-            blobs = encode_labels(n_real, ids.numpy(), probs.numpy(), rest.numpy(), nsp.numpy())
-            for record, blob in zip(raw.numpy(), blobs, strict=True):
-                labelled = append_bytes_feature(record, LABEL_FEATURE, blob)
-                label_bytes += len(labelled) - len(record)
-                out.write(frame(labelled))
-            examples += len(blobs)
+    examples = label_bytes = reused = 0
+    with folder.open_read(name) as f:
+        records = read_records(f, params.input)
+        if params.max_examples:
+            records = islice(records, params.max_examples)
+        for window in _windows(records, WINDOW * params.batch_size):
+            entries = [cache.get(example_key(r)) for r in window] if cache else [None] * len(window)
+            misses = [i for i, entry in enumerate(entries) if entry is None]
+            reused += len(window) - len(misses)
+            for at in range(0, len(misses), params.batch_size):
+                chosen = misses[at : at + params.batch_size]
+                for i, entry in zip(chosen, teacher.label([window[i] for i in chosen]), strict=True):
+                    entries[i] = entry
+            for record, entry in zip(window, entries, strict=True):
+                out.write(frame(join_label(record, entry)))
+                label_bytes += len(entry)
+            examples += len(window)
             progress.update(examples, " examples")
-    except tf.errors.DataLossError as exc:
-        raise StepError(f"{params.input}: corrupt TFRecord ({str(exc).splitlines()[0]}); "
-                        "regenerate it with make-examples") from None
     seconds = progress.elapsed
-    return {"examples": examples, "seconds": round(seconds, 3),
+    return {"examples": examples, "reused": reused, "seconds": round(seconds, 3),
             "examples_per_second": examples / max(seconds, 1e-9),
-            "label_bytes_per_example": label_bytes / max(examples, 1), "dtype": dtype,
-            "mean_topk_mass": topk_mass / max(positions, 1)}
+            "label_bytes_per_example": label_bytes / max(examples, 1), "dtype": "float32",
+            "mean_topk_mass": teacher.topk_mass / max(teacher.positions, 1)}
