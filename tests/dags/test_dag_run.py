@@ -264,7 +264,7 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     assert "adapt_teacher" not in ran and "label_teacher" in ran and not (month_two / "teachers").exists()
     [adapted] = (root / "store" / "runs" / "enwiki-20160101" / "teachers").glob("*/*/*")
     # month two's held-out labels are month one's wherever its examples are: its articles mostly did not change
-    [heldout] = month_two.glob("labels/*/*/heldout/_MANIFEST.shard-00000.tfrecord.json")
+    [heldout] = month_two.glob("labels/*/*/*/heldout/_MANIFEST.shard-00000.tfrecord.json")
     labelled = json.loads(heldout.read_text())["summary"]
     assert labelled["examples"] > labelled["reused"] > labelled["examples"] / 2, labelled
     assert labelled["reused_from"][0].startswith(str(root / "store" / "runs" / "enwiki-20160101" / "labels"))
