@@ -353,7 +353,8 @@ def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list
                 is_random = 0
                 b_start = a_start + la
                 lb = starts[i] + lens[i] - b_start
-            coins = random.Random(rng.getrandbits(64))  # one draw, however long the trim
+            trim = rng.getrandbits(64)  # one draw, however long the trim (or none)
+            coins = random.Random(trim) if la + lb > max_tokens else None
             while la + lb > max_tokens:  # Google's truncate_seq_pair: trim the longer side
                 if la > lb:
                     la -= 1
