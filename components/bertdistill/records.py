@@ -156,11 +156,7 @@ def decode_labels(blob: bytes, max_predictions: int, k: int, n: int) -> dict[str
 
 def append_bytes_feature(example: bytes, key: bytes, value: bytes) -> bytes:
     """A serialized tf.train.Example with one more bytes feature, without re-encoding the rest."""
-    if example[0] != 0x0A:
-        raise ValueError("not a serialized tf.train.Example")
-    length, at = read_varint(example, 1)
-    body = example[at : at + length] + bytes_entry(key, bytes_list_body([value]))
-    return b"\x0a" + varint(len(body)) + body
+    return join_label(example, bytes_entry(key, bytes_list_body([value])))
 
 
 def split_label(labelled: bytes) -> tuple[bytes, bytes] | None:
@@ -183,7 +179,10 @@ def split_label(labelled: bytes) -> tuple[bytes, bytes] | None:
 
 
 def join_label(example: bytes, entry: bytes) -> bytes:
-    """split_label's inverse: the same bytes append_bytes_feature made."""
+    """An example with one more map entry appended (a label's, as split_label returns it): the same
+    bytes append_bytes_feature makes."""
+    if example[0] != 0x0A:
+        raise ValueError("not a serialized tf.train.Example")
     length, at = read_varint(example, 1)
     body = example[at : at + length] + entry
     return b"\x0a" + varint(len(body)) + body

@@ -53,8 +53,9 @@ from bertdistill import children
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
+from bertdistill.masking import mask_batch, mix64
 from bertdistill.progress import Progress
-from bertdistill.records import PretrainingBatch, encode_pretraining
+from bertdistill.records import encode_pretraining
 from bertdistill.shuffle import shuffled_output
 from bertdistill.store import scratch_dir, split_uri
 from bertdistill.tokenization import Vocab, wordpiece_tokenizer
@@ -177,8 +178,8 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
         chunks = _read_chunks(text, params.input)
         if workers == 1:
             _init_worker(ctx)
-            for docs, consumed in chunks:
-                scatter(_build_chunk(docs), consumed)
+            for docs, keys, consumed in chunks:
+                scatter(_build_chunk(docs, keys), consumed)
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             # Workers die with this step, SIGKILL included (children.py); forked from the main thread.
@@ -186,8 +187,8 @@ def _produce(text: BinaryIO, size: int, params: MakeExamplesParams, vocab: Vocab
                                      initializer=children.pool_initializer,
                                      initargs=(os.getpid(), _init_worker, ctx)) as pool:
                 pending: deque = deque()
-                for docs, consumed in chunks:
-                    pending.append((pool.submit(_build_chunk, docs), consumed))
+                for docs, keys, consumed in chunks:
+                    pending.append((pool.submit(_build_chunk, docs, keys), consumed))
                     if len(pending) > 2 * workers:  # bounded: memory stays flat on any input
                         future, done_bytes = pending.popleft()
                         scatter(future.result(), done_bytes)
@@ -207,8 +208,9 @@ def document_key(sentences: list[str]) -> int:
 
 
 def _read_chunks(text: BinaryIO, uri: str):
-    """Yield (documents as lists of sentences, characters read so far)."""
+    """Yield (documents as lists of sentences, their content hashes, characters read so far)."""
     docs: list[list[str]] = []
+    keys: list[int] = []
     doc: list[str] = []
     chars = read = 0
     try:
@@ -222,16 +224,18 @@ def _read_chunks(text: BinaryIO, uri: str):
                     continue
                 if doc:
                     docs.append(doc)
+                    keys.append(document_key(doc))
                     doc = []
-                    if document_key(docs[-1]) % BOUNDARY_EVERY == 0 or chars >= MAX_CHUNK_CHARS:
-                        yield docs, read
-                        docs, chars = [], 0
+                    if keys[-1] % BOUNDARY_EVERY == 0 or chars >= MAX_CHUNK_CHARS:
+                        yield docs, keys, read
+                        docs, keys, chars = [], [], 0
     except UnicodeDecodeError as exc:
         raise StepError(f"{uri}: not UTF-8 text ({exc}); make-examples reads build-corpus output") from None
     if doc:
         docs.append(doc)
+        keys.append(document_key(doc))
     if docs:
-        yield docs, read
+        yield docs, keys, read
 
 
 _CTX: _Context | None = None
@@ -243,8 +247,9 @@ def _init_worker(ctx: _Context) -> None:
     _CTX = ctx
 
 
-def _build_chunk(docs: list[list[str]]) -> tuple[bytes, np.ndarray, int]:
-    """All examples of one chunk, framed, with their shuffle keys: (records, keys, document count)."""
+def _build_chunk(docs: list[list[str]], hashes: list[int]) -> tuple[bytes, np.ndarray, int]:
+    """All examples of one chunk (its documents and their content hashes), framed, with their shuffle
+    keys: (records, keys, document count)."""
     ctx = _CTX
     sentences = list(chain.from_iterable(docs))
     encodings = ctx.tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
@@ -252,7 +257,7 @@ def _build_chunk(docs: list[list[str]]) -> tuple[bytes, np.ndarray, int]:
     flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=sum(lengths))
     doc_starts, doc_lens, doc_keys = [], [], []
     offset = k = 0
-    for doc in docs:
+    for doc, key in zip(docs, hashes, strict=True):
         starts, lens = [], []
         for _ in doc:
             n = lengths[k]
@@ -264,7 +269,7 @@ def _build_chunk(docs: list[list[str]]) -> tuple[bytes, np.ndarray, int]:
         if lens:
             doc_starts.append(starts)
             doc_lens.append(lens)
-            doc_keys.append(document_key(doc))
+            doc_keys.append(key)
 
     keys = np.array(doc_keys, dtype=np.uint64)
     instances: list[tuple[int, int, int, int, int]] = []
@@ -279,32 +284,11 @@ def _build_chunk(docs: list[list[str]]) -> tuple[bytes, np.ndarray, int]:
         return b"", np.zeros(0, np.uint64), len(doc_lens)
     table = np.array(instances, dtype=np.int64)
     owner = np.array(owners, dtype=np.uint64)
-    seeds = _mix64(_mix64(owner[:, 0] ^ _mix64(np.uint64(ctx.random_seed)))
+    seeds = mix64(mix64(owner[:, 0] ^ mix64(np.uint64(ctx.random_seed)))
                    + (owner[:, 1] << np.uint64(32)) + owner[:, 2])
-    data = b"".join(encode_pretraining(_mask_batch(table[i : i + BATCH], seeds[i : i + BATCH], flat, ctx))
+    data = b"".join(encode_pretraining(mask_batch(table[i : i + BATCH], seeds[i : i + BATCH], flat, ctx))
                     for i in range(0, len(table), BATCH))
     return data, seeds, len(doc_lens)
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: uint64 -> uint64, each output bit depending on every input bit
-    (a counter-based generator: a row's draws follow from its seed alone, in any batch)."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _uniform(seeds: np.ndarray, stream: int, width: int) -> np.ndarray:
-    """[len(seeds), width] floats in [0, 1): row r from seeds[r] alone, a separate stream per use."""
-    with np.errstate(over="ignore"):  # SplitMix64's sequence from each seed, from draw stream << 32 on
-        counters = (np.arange(width, dtype=np.uint64) + np.uint64(stream << 32)) * _GOLDEN
-        bits = _mix64(seeds[:, None] + counters[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _random_other(d: int, point: int, keys: np.ndarray) -> int:
@@ -312,7 +296,7 @@ def _random_other(d: int, point: int, keys: np.ndarray) -> int:
     others, and the same next month unless that document, or a new one scoring higher, changed."""
     if len(keys) == 1:
         return d
-    scores = _mix64(keys ^ np.uint64(point))
+    scores = mix64(keys ^ np.uint64(point))
     scores[d] = 0
     return int(scores.argmax())
 
@@ -370,81 +354,3 @@ def _document_instances(d: int, doc_starts: list[list[int]], doc_lens: list[list
                 out.append((a_start, la, b_start, lb, is_random))
             first, length = i + 1, 0
         i += 1
-
-
-def _mask_batch(table: np.ndarray, seeds: np.ndarray, flat: np.ndarray, ctx: _Context) -> PretrainingBatch:
-    """[CLS] A [SEP] B [SEP] rows, padded, with masked-LM predictions, for a batch of instances;
-    each row's masking drawn from its own seed."""
-    cls_id, sep_id, mask_id = ctx.special
-    L, P = ctx.L, ctx.P
-    a_start, la, b_start, lb, is_random = (table[:, c] for c in range(5))
-    n = len(table)
-    rows = np.arange(n)
-    j = np.arange(L)[None, :]
-    la_, lb_ = la[:, None], lb[:, None]
-    in_a = (j >= 1) & (j <= la_)
-    in_b = (j >= la_ + 2) & (j < la_ + 2 + lb_)
-    candidate = in_a | in_b
-    source = np.where(in_a, a_start[:, None] + j - 1, b_start[:, None] + j - la_ - 2)
-    ids = np.where(candidate, flat[np.clip(source, 0, len(flat) - 1)], 0).astype(np.int64)
-    ids[:, 0] = cls_id
-    ids[rows, la + 1] = sep_id
-    ids[rows, la + lb + 2] = sep_id
-    n_tokens = la + lb + 3
-    input_mask = j < n_tokens[:, None]
-    segment_ids = (j >= la_ + 2) & input_mask
-    to_predict = np.minimum(P, np.maximum(1, np.round(n_tokens * ctx.masked_lm_prob).astype(np.int64)))
-
-    if ctx.whole_word:
-        positions = _whole_word_positions(ids, candidate, to_predict, ctx, seeds)
-    else:
-        keys = _uniform(seeds, 0, L)
-        keys[~candidate] = 2.0
-        order = np.argsort(keys, axis=1)[:, :P]
-        picked = (np.arange(P)[None, :] < to_predict[:, None]) & (np.take_along_axis(keys, order, 1) < 2.0)
-        positions = np.where(picked, order, L)
-    positions.sort(axis=1)
-    valid = positions < L
-    positions = np.where(valid, positions, 0)
-    original = np.take_along_axis(ids, positions, 1)
-    draw = _uniform(seeds, 1, P)
-    keep = _uniform(seeds, 2, P) < 0.5
-    random_ids = (_uniform(seeds, 3, P) * len(ctx.vocab_tokens)).astype(np.int64)
-    replacement = np.where(draw < 0.8, mask_id, np.where(keep, original, random_ids))
-    r, c = np.nonzero(valid)
-    ids[r, positions[r, c]] = replacement[r, c]
-    return PretrainingBatch(
-        input_ids=ids,
-        input_mask=input_mask,
-        segment_ids=segment_ids,
-        masked_lm_positions=positions,
-        masked_lm_ids=np.where(valid, original, 0),
-        masked_lm_weights=valid.astype(np.float32),
-        next_sentence_labels=is_random,
-    )
-
-
-def _whole_word_positions(ids: np.ndarray, candidate: np.ndarray, to_predict: np.ndarray, ctx: _Context,
-                          seeds: np.ndarray) -> np.ndarray:
-    """Google's whole-word masking: shuffle words, take whole words while they fit."""
-    L, P = ctx.L, ctx.P
-    positions = np.full((len(ids), P), L, dtype=np.int64)
-    continuation = ctx.continuation[ids] & candidate
-    for r in range(len(ids)):
-        words: list[list[int]] = []
-        for p in np.flatnonzero(candidate[r]).tolist():
-            if continuation[r, p] and words and words[-1][-1] == p - 1:
-                words[-1].append(p)
-            else:
-                words.append([p])
-        random.Random(int(seeds[r])).shuffle(words)
-        chosen: list[int] = []
-        limit = int(to_predict[r])
-        for word in words:
-            if len(chosen) >= limit:
-                break
-            if len(chosen) + len(word) > limit:
-                continue
-            chosen.extend(word)
-        positions[r, : len(chosen)] = chosen
-    return positions
