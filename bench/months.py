@@ -83,6 +83,8 @@ def accuracy(reports: list[tuple[str, dict]]) -> None:
             cells = [pick(r).get(who, {}).get("mlm_accuracy") for _, r in reports]
             print(f"{split + ' ' + who:<28}" + "".join(f"{c:>16.2%}" if c is not None else f"{'-':>16}"
                                                      for c in cells))
+    reused = [f"{r.get('champion', {}).get('predictions_reused', '-')} of {r['examples']}" for _, r in reports]
+    print(f"{'champion predictions reused':<28}" + "".join(f"{c:>16}" for c in reused))
 
 
 def main() -> None:

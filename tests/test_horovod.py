@@ -40,7 +40,7 @@ def test_two_ranks_stay_identical_read_disjoint_shards_and_match_one_rank(tmp_pa
     # Same global batch (2 micro-batches of 8), same data per micro-batch, and so the same (linearly
     # scaled) learning rate: the loss curves agree up to float summation order, 1e-4 relative per step.
     np.testing.assert_allclose(s2["losses"], s1["losses"], rtol=1e-4)
-    assert (tmp_path / "two" / "checkpoints" / "ckpt-0000004.safetensors").stat().st_size > 0  # rank 0 wrote it
+    assert (tmp_path / "two" / "checkpoints" / "ckpt-0000002.safetensors").stat().st_size > 0  # rank 0 wrote it
 
 
 def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path, tiny_teacher, two_label_shards):

@@ -129,6 +129,13 @@ def _check_kill_and_resume(args: list[str], output: Path, reference: Path, env: 
     return interrupted, with_children
 
 
+@pytest.fixture(autouse=True)
+def own_scratch(tmp_path, monkeypatch):
+    """A SIGKILLed step cannot remove its scratch (make-examples' shuffle buckets, staged downloads); a
+    pod's emptyDir goes with the pod, so here the test's folder plays that part instead of /tmp."""
+    monkeypatch.setenv("BERTDISTILL_SCRATCH", str(tmp_path / "scratch"))
+
+
 @pytest.fixture(scope="module")
 def big_text(tmp_path_factory, all_text) -> Path:
     """Four copies of the sample's text, so make-examples runs long enough to be caught mid-way; committed
@@ -183,9 +190,8 @@ def test_fetch_dump(sample, tmp_path):
     def args(out: Path) -> list[str]:
         return ["fetch-dump", "--wiki", "enwiki", "--mirror", str(sample / "mirror"), "--output", str(out)]
 
-    env = {"BERTDISTILL_SCRATCH": str(tmp_path / "scratch")}
-    run_cli(*args(tmp_path / "ref"), env=env, check=True)
-    _check_kill_and_resume(args(tmp_path / "out"), tmp_path / "out", tmp_path / "ref", env)
+    run_cli(*args(tmp_path / "ref"), check=True)
+    _check_kill_and_resume(args(tmp_path / "out"), tmp_path / "out", tmp_path / "ref")
 
 
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -317,3 +317,13 @@ def test_a_warm_month_two_draws_its_fresh_share_from_the_new_and_changed_article
     assert planning.FRESH_SHARD not in planning.text_shards(whole) and whole.student != warm.student
     with pytest.raises(ValueError, match="fresh_share = 1"):
         planning.full_params(FULL | {"fresh_share": 1})
+
+
+def test_checkpoints_cost_at_most_one_per_hundred_steps():
+    """A warm month's 60 steps write no checkpoint; a long run every 500 steps; between, a quarter."""
+    assert planning.checkpoint_every(60) == 100 and planning.checkpoint_every(200) == 100
+    assert planning.checkpoint_every(1_000) == 250 and planning.checkpoint_every(100_000) == 500
+    demo = planning.make_plan(FULL, SETTINGS, "20261101")
+    [student, *_] = planning.distill_args(demo, "T")
+    every = planning.checkpoint_every(planning.train_steps(demo))
+    assert student[student.index("--checkpoint-every") + 1] == str(every)

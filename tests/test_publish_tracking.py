@@ -353,11 +353,13 @@ def test_publish_refuses_a_report_about_another_student(store, tmp_path, report,
 
 
 def test_a_new_student_is_judged_against_the_champion_on_the_same_examples(store, tmp_path, tiny_teacher,
-                                                                           labels_dir, labelled, first_publish):
+                                                                           labels_dir, labelled, first_publish,
+                                                                           report):
     """evaluate scores the current champion on this run's held-out examples; publish decides on those."""
     from tests.conftest import distill_args
 
     env, _ = store
+    first_report = report
     client = _client(env)
     incumbent = client.get_model_version_by_alias(MODEL, "champion")
     challenger = tmp_path / "challenger"
@@ -369,6 +371,23 @@ def test_a_new_student_is_judged_against_the_champion_on_the_same_examples(store
     report = json.loads((out / "report.json").read_text())
     assert report["champion"]["version"] == int(incumbent.version)
     assert report["champion"]["mlm_accuracy"] == pytest.approx(float(incumbent.tags["heldout_mlm_accuracy"]))
+    # The same examples and teacher labels: every champion prediction is copied from its own report.
+    assert report["champion"]["predictions_reused"] == report["examples"] == 256
+    assert incumbent.tags["bertdistill.report"] == str(first_report)
+    kept = next((first_report / "predictions").glob("*.npz"))
+    kept.rename(kept.with_suffix(".away"))  # without them, the champion is run again: the same figures
+    try:
+        rerun = tmp_path / "rerun"
+        run_cli("evaluate", "--teacher", str(tiny_teacher), "--student", str(challenger), "--heldout",
+                str(labelled.parent), "--output", str(rerun), "--max-examples", "256", "--latency-batch", "2",
+                "--champion", MODEL, env=env, check=True)
+    finally:
+        kept.with_suffix(".away").rename(kept)
+    recomputed = json.loads((rerun / "report.json").read_text())["champion"]
+    assert "predictions_reused" not in recomputed
+    for name in ("mlm_accuracy", "mlm_accuracy_outside_top10", "nsp_accuracy", "agreement_with_teacher"):
+        assert recomputed[name] == pytest.approx(report["champion"][name], abs=1e-3), name
+    assert recomputed["kl_from_teacher"] == pytest.approx(report["champion"]["kl_from_teacher"], rel=1e-4)
     gain = report["gain_over_champion"]
     assert gain["mlm_accuracy"] == pytest.approx(report["student"]["mlm_accuracy"] - report["champion"]["mlm_accuracy"])
     proc = run_cli("publish", "--student", str(challenger), "--report", str(out), "--model-name", MODEL, env=env,

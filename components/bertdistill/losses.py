@@ -51,11 +51,11 @@ def student_log_probs(student_logits: tf.Tensor, topk_ids: tf.Tensor, temperatur
     return log_top, log_rest
 
 
-def soft_mlm_loss(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf.Tensor, rest: tf.Tensor,
-                  weights: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
-    """T^2 * KL(teacher_T || student_T) per real masked position, averaged.
+def soft_mlm_kl(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf.Tensor, rest: tf.Tensor,
+                temperature: float = 1.0) -> tf.Tensor:
+    """T^2 * KL(teacher_T || student_T) at every masked position [B, P], padding included.
 
-    student_logits [B, P, V]; topk_ids, topk_probs [B, P, k]; rest, weights [B, P].
+    student_logits [B, P, V]; topk_ids, topk_probs [B, P, k]; rest [B, P].
     """
     vocab_size = student_logits.shape[-1]
     log_q_top, log_q_rest = student_log_probs(student_logits, topk_ids, temperature)
@@ -63,8 +63,15 @@ def soft_mlm_loss(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf
     p_top, p_rest = tf.exp(log_p_top), tf.exp(log_p_rest)
     kl = (tf.reduce_sum(p_top * (log_p_top - log_q_top), axis=-1)
           + tf.math.xlogy(p_rest, p_rest) - p_rest * log_q_rest)
+    return temperature**2 * kl
+
+
+def soft_mlm_loss(student_logits: tf.Tensor, topk_ids: tf.Tensor, topk_probs: tf.Tensor, rest: tf.Tensor,
+                  weights: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
+    """soft_mlm_kl averaged over the real masked positions (weights [B, P])."""
+    kl = soft_mlm_kl(student_logits, topk_ids, topk_probs, rest, temperature)
     weights = tf.cast(weights, tf.float32)
-    return temperature**2 * tf.reduce_sum(kl * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    return tf.reduce_sum(kl * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
 
 def masked_lm_loss(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:

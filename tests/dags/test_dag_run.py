@@ -284,6 +284,8 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
         assert manifest["inputs"]["fresh"].split()[0].endswith("/fresh") and manifest["summary"]["fresh_share"] == 0.5
     report = json.loads((student / "report" / "report.json").read_text())
     assert report["champion"]["version"] == int(incumbent.version)  # scored on month two's held-out examples
+    # ... run again only where an example changed: the others' predictions come from its month-one report
+    assert report["champion"]["predictions_reused"] == labelled["reused"], (report["champion"], labelled)
     temporal = report["temporal"]
     assert temporal["positions"] > 0 and {"student", "control", "teacher", "champion"} <= set(temporal)
     assert "last month's champion" in temporal["verdict"]

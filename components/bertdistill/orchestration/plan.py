@@ -352,6 +352,14 @@ def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
             for s in text_shards(plan)]
 
 
+def checkpoint_every(steps: int) -> int:
+    """A quarter of the run, at least 100 steps and at most 500. A checkpoint (weights and AdamW moments,
+    written and fsynced: 202 MB and 2.7 s wall, 2.2 CPU s, for the demo's 3-layer student) every 100
+    steps of 1.4 s is 2% of the run; every quarter of a warm month's 60 steps it was 13%, to save at most
+    80 s of work if the run is killed. Runs shorter than 100 steps are rerun whole after a kill."""
+    return min(500, max(100, steps // 4))
+
+
 def control_folder(plan: Plan) -> str:
     """The no-teacher control lives inside its student's folder: same settings, same key."""
     return _join(plan.student, "control")
@@ -375,7 +383,7 @@ def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
     common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
               "--student-layers", str(p.student_layers), "--top-k", str(p.top_k), "--steps",
               str(steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),
-              "--checkpoint-every", str(max(1, min(500, steps // 4))), *warm, *_force(plan)]
+              "--checkpoint-every", str(checkpoint_every(steps)), *warm, *_force(plan)]
     runs = [[*common, "--output", plan.student]]
     if p.control:
         runs.append([*common, "--output", control_folder(plan), "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"])

@@ -8,7 +8,8 @@ T (scaled by T^2), the hard masked-LM cross-entropy on masked_lm_ids, and the
 next-sentence losses on the labels and on the teacher's logits.
 
 Checkpoints (weights, AdamW moments, step, loss history) go to <output>/checkpoints/ every
---checkpoint-every steps, each file first and `latest.json` last; a rerun resumes from the
+--checkpoint-every steps but not after the last one (the export follows it), each file first
+and `latest.json` last; a rerun resumes from the
 latest one and, since data order and dropout masks are functions of (seed, step), continues
 the same loss curve. A NaN loss stops the run naming the step; the last good checkpoint
 stays. The trained student lands in <output>/export/ in the teacher folder layout.
@@ -303,7 +304,8 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
         rate, grad_norm = apply(accumulated)
         history.append(total)
         step_seconds.append(round(time.perf_counter() - began, 4))
-        if world.master and (step % params.checkpoint_every == 0 or step == params.steps):
+        # none after the last step: the export follows at once, and nothing resumes a finished run
+        if world.master and step % params.checkpoint_every == 0 and step < params.steps:
             _checkpoint(output, model, optimizer, step, history, fingerprint)
             last_checkpoint = step
         if step % 25 == 0 or step == params.steps:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bertdistill import prediction_cache as predictions
+from bertdistill.bert.config import WEIGHTS
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
@@ -112,17 +114,23 @@ def run(params: EvaluateParams) -> Manifest:
         info = open_labels(paths[0], vocab.sha256, params.top_k)
         for path in paths[1:] + temporal:
             open_labels(path, vocab.sha256, params.top_k)
+        weights = {role: open_folder(export).sha256(WEIGHTS) for role, export in exports.items()}
+        known = {}
         if champion is not None and champion["export"] != exports["student"]:
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
                 committed_input(champion["export"], "distill", below=1)  # <student>/export
                 with staged_teacher(champion["export"]) as local:
                     students["champion"] = load_teacher(local, champion["export"])[:2]
+                weights["champion"] = open_folder(champion["export"]).sha256(WEIGHTS)
+                if champion.get("report") and not params.force:  # its predictions as that month's student
+                    known["champion"] = predictions.previous(champion["report"], weights["champion"])
             else:
                 log.info("champion %s version %s was trained on another vocab or sequence length: not scored",
                          params.champion, champion["version"])
         with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
             onnx_files = export_onnx(*students["student"], Path(tmp) / ONNX)
-            report = evaluate(students, teacher_config, teacher_weights, paths, info, params, onnx_files, temporal)
+            report, kept = evaluate(students, teacher_config, teacher_weights, paths, info, params, onnx_files,
+                                    temporal, known)
             if "champion" in report:
                 report["champion"]["version"] = champion["version"]
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -131,6 +139,8 @@ def run(params: EvaluateParams) -> Manifest:
                 writer.write_bytes(name, (Path(tmp) / name).read_bytes())
             for path in onnx_files.values():
                 writer.write_bytes(f"{ONNX}/{path.name}", path.read_bytes())
+            for role, data in kept.items():
+                writer.write_bytes(predictions.file_name(weights[role]), data)
         s, t = report["student"], report["teacher"]
         control = f" vs control {report['control']['mlm_accuracy']:.1%}" if "control" in report else ""
         o = report["onnx"]
@@ -143,21 +153,27 @@ def run(params: EvaluateParams) -> Manifest:
               f"{report['speedup_int8_with_mlm_head']:.2f}x the teacher's speed\nevaluate: {report['verdict']}")
         if "temporal" in report:
             print(f"evaluate: {report['temporal']['verdict']}")
+        if "predictions_reused" in report.get("champion", {}):
+            print(f"evaluate: the champion's predictions on {report['champion']['predictions_reused']:,} of "
+                  f"{report['examples']:,} held-out examples copied from its own report")
         return report | {"parent_metrics": headline(report), "parent_tags": {"verdict": report["verdict"]}}
 
     return run_step("evaluate", fingerprint, inputs, output, work, force=params.force)
 
 
 def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths: list[str], info: dict,
-             params: EvaluateParams, onnx_files: dict[str, Path] | None = None, temporal: list[str] = ()) -> dict:
-    """students: role ("student", and "control" when given) -> (config, weights); onnx_files: the
+             params: EvaluateParams, onnx_files: dict[str, Path] | None = None, temporal: list[str] = (),
+             known: dict[str, dict] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """(the report, the held-out predictions of the student and the champion as prediction_cache
+    files). students: role ("student", "control", "champion") -> (config, weights); onnx_files: the
     student's ONNX exports (precision -> file), scored and timed beside it; temporal: the temporal
-    held-out shards, where every model's top-1 is scored too."""
+    held-out shards, where every model's top-1 is scored too; known: role -> that model's earlier
+    predictions (prediction_cache), copied for the examples they cover."""
     import tensorflow as tf
 
     from bertdistill import onnx_model
     from bertdistill.bert.model import Bert
-    from bertdistill.losses import soft_mlm_loss
+    from bertdistill.losses import soft_mlm_kl
     from bertdistill.tfdata import labelled_dataset
 
     models = {}
@@ -173,36 +189,45 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
         def predict(b):
             sequence = model.encode(b["input_ids"], b["input_mask"], b["segment_ids"])
             logits = model.mlm_logits(sequence, b["masked_lm_positions"])
-            kl = soft_mlm_loss(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"],
-                               b["masked_lm_weights"], 1.0)
+            kl = soft_mlm_kl(logits, b["teacher_topk_ids"], b["teacher_topk_probs"], b["teacher_rest_prob"])
             return (tf.argmax(logits, -1, output_type=tf.int32), tf.reduce_max(tf.nn.softmax(logits), -1),
-                    tf.argmax(model.nsp_logits(sequence), -1, output_type=tf.int32), kl)
-        return predict
+                    tf.argmax(model.nsp_logits(sequence), -1, output_type=tf.int32),
+                    tf.reduce_sum(kl * b["masked_lm_weights"], -1))
+
+        def run(batch: dict) -> tuple[np.ndarray, ...]:  # one input structure, so one trace per batch shape
+            return tuple(x.numpy() for x in predict({name: batch[name] for name in predictions.INPUTS}))
+        return run
 
     predictors = {role: predictor(model) for role, model in models.items()}
+    reusing = {role: predictions.ReusingPredictor(predictors[role], found, params.batch_size)
+               for role, found in (known or {}).items() if found and role in predictors}
     sessions = {precision: onnx_model.session(path) for precision, path in (onnx_files or {}).items()}
     parity = None
     columns: dict[str, list[np.ndarray]] = {}
-    kl_sums = dict.fromkeys(models, 0.0)
-    weight_sum = 0.0
+    outputs: dict[str, list[tuple[np.ndarray, ...]]] = {role: [] for role in models}
+    reals: list[np.ndarray] = []
+    keys: list[bytes] = []
     seen = 0
 
     def add(name: str, value: np.ndarray) -> None:
         columns.setdefault(name, []).append(value)
 
     for batch in labelled_dataset(paths, L, P, k, params.batch_size):
-        real = batch["masked_lm_weights"].numpy() > 0
-        add("labels", batch["masked_lm_ids"].numpy()[real])
-        add("teacher_top1", batch["teacher_topk_ids"].numpy()[..., 0][real])
-        add("teacher_confidence", batch["teacher_topk_probs"].numpy()[..., 0][real])
-        add("nsp_labels", batch["next_sentence_labels"].numpy()[:, 0])
-        add("teacher_nsp", batch["teacher_nsp_logits"].numpy().argmax(-1))
+        arrays = {name: value.numpy() for name, value in batch.items()}
+        real = arrays["masked_lm_weights"] > 0
+        reals.append(real)
+        batch_keys = predictions.example_keys(arrays)
+        keys += batch_keys
+        add("labels", arrays["masked_lm_ids"][real])
+        add("teacher_top1", arrays["teacher_topk_ids"][..., 0][real])
+        add("teacher_confidence", arrays["teacher_topk_probs"][..., 0][real])
+        add("nsp_labels", arrays["next_sentence_labels"][:, 0])
+        add("teacher_nsp", arrays["teacher_nsp_logits"].argmax(-1))
         for role, predict in predictors.items():
-            mlm, confidence, nsp, kl = predict(batch)
-            add(f"{role}_top1", mlm.numpy()[real])
-            add(f"{role}_confidence", confidence.numpy()[real])
-            add(f"{role}_nsp", nsp.numpy())
-            kl_sums[role] += float(kl) * real.sum()
+            if role in reusing:
+                reusing[role].add(arrays, batch_keys)
+            else:
+                outputs[role].append(predict(batch))
         if sessions:
             feeds = onnx_model.feeds(*(batch[k].numpy() for k in ("input_ids", "input_mask", "segment_ids",
                                                                   "masked_lm_positions")))
@@ -210,10 +235,15 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
                 parity = onnx_parity(models["student"], sessions["fp32"], batch, feeds)
             for precision, session in sessions.items():
                 add(f"onnx_{precision}_top1", session.run(["mlm_logits"], feeds)[0].argmax(-1)[real])
-        weight_sum += real.sum()
         seen += len(real)
         if params.max_examples and seen >= params.max_examples:
             break
+    for role, predictor_ in reusing.items():
+        outputs[role] = predictor_.outputs()
+    for role, batches in outputs.items():
+        for i, name in enumerate(("top1", "confidence")):
+            add(f"{role}_{name}", np.concatenate([out[i][real] for out, real in zip(batches, reals, strict=True)]))
+        add(f"{role}_nsp", np.concatenate([out[2] for out in batches]))
     col = {name: np.concatenate(parts) for name, parts in columns.items()}
     y, t = col["labels"], col["teacher_top1"]
     frequent = [token for token, _ in Counter(y.tolist()).most_common(10)]
@@ -232,9 +262,13 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
 
     report: dict = {"examples": seen, "positions": len(y), "most_frequent_token_id": int(most)}
     for role, model in models.items():
+        kl = sum(float(out[3].sum()) for out in outputs[role])
         report[role] = {**scores(col[f"{role}_top1"], col[f"{role}_confidence"], col[f"{role}_nsp"]),
-                        "kl_from_teacher": kl_sums[role] / max(weight_sum, 1),
+                        "kl_from_teacher": kl / max(len(y), 1),
                         "parameters": model.parameter_count(), "layers": students[role][0].num_hidden_layers}
+        if role in reusing:
+            report[role]["predictions_reused"] = reusing[role].reused
+    saved = {role: predictions.to_bytes(keys, outputs[role]) for role in ("student", "champion") if role in outputs}
     report["teacher"] = {**scores(t, col["teacher_confidence"], col["teacher_nsp"]),
                          "parameters": teacher.parameter_count(), "layers": teacher_config.num_hidden_layers}
     report["baseline"] = scores(np.full_like(y, most), None, None)
@@ -257,7 +291,7 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
         report["onnx"] = onnx_report(col, parity, onnx_files, {p: timed[f"onnx_{p}"] for p in onnx_files})
         report["speedup_int8_with_mlm_head"] = (report["teacher"]["latency_mlm_s"]
                                                 / report["onnx"]["int8"]["latency_mlm_s"])
-    return report
+    return report, saved
 
 
 def temporal_scores(predictors: dict, paths: list[str], shape: tuple[int, int, int], params: EvaluateParams) -> dict:
@@ -272,7 +306,7 @@ def temporal_scores(predictors: dict, paths: list[str], shape: tuple[int, int, i
         y = batch["masked_lm_ids"].numpy()[real]
         hits["teacher"].append(batch["teacher_topk_ids"].numpy()[..., 0][real] == y)
         for role, predict in predictors.items():
-            hits.setdefault(role, []).append(predict(batch)[0].numpy()[real] == y)
+            hits.setdefault(role, []).append(predict(batch)[0][real] == y)
         seen += len(real)
         if params.max_examples and seen >= params.max_examples:
             break
@@ -304,7 +338,8 @@ def current_champion(model_name: str) -> dict | None:
     if not {"bertdistill.export", "vocab_sha256", "max_seq_length"} <= set(tags):
         return None
     return {"version": int(version.version), "export": tags["bertdistill.export"],
-            "vocab_sha256": tags["vocab_sha256"], "max_seq_length": int(tags["max_seq_length"])}
+            "vocab_sha256": tags["vocab_sha256"], "max_seq_length": int(tags["max_seq_length"]),
+            "report": tags.get("bertdistill.report")}
 
 
 def latency(models: dict, batch: int, L: int, P: int, sessions: dict | None = None,

@@ -328,7 +328,8 @@ def register(module, config, report: dict, params: PublishParams, published: Pat
         # what evaluate needs to score this version against a later student on the same examples
         version_tags = {ACCURACY_TAG: repr(accuracy), "vocab_sha256": vocab.sha256,
                         "bertdistill.export": open_folder(params.student).child_uri("export"),
-                        "bertdistill.published": params.output, **artifact_tags(report["onnx"], published)}
+                        "bertdistill.published": params.output, "bertdistill.report": params.report,
+                        **artifact_tags(report["onnx"], published)}
         if "max_seq_length" in report:
             version_tags["max_seq_length"] = str(report["max_seq_length"])
         run = pipeline_params()
