@@ -59,3 +59,19 @@ def test_a_changed_label_or_input_changes_the_key():
     batch["teacher_rest_prob"][1, 0] += 0.5
     after = predictions.example_keys(batch)
     assert before[0] == after[0] and before[1] != after[1]
+
+
+def test_an_unreadable_cache_is_recomputed_not_trusted(tmp_path):
+    from tests.conftest import commit_as
+
+    batch = _batch(np.random.default_rng(2), 4)
+    keys = predictions.example_keys(batch)
+    (tmp_path / "predictions").mkdir()
+    good = predictions.to_bytes(keys, [Model()(batch)])
+    (tmp_path / predictions.file_name("a" * 64)).write_bytes(good)
+    (tmp_path / predictions.file_name("b" * 64)).write_bytes(good[: len(good) // 2])  # cut short
+    assert predictions.previous(str(tmp_path), "a" * 64) == {}  # evaluate has not finished this report
+    commit_as("evaluate", tmp_path)
+    assert set(predictions.previous(str(tmp_path), "a" * 64)) == set(keys)
+    assert predictions.previous(str(tmp_path), "b" * 64) == {}
+    assert predictions.previous(str(tmp_path), "c" * 64) == {}  # another model's weights

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
@@ -110,4 +111,11 @@ def previous(report_uri: str, weights_sha256: str) -> dict[bytes, Row]:
         return {}
     folder = open_folder(report_uri)
     name = file_name(weights_sha256)
-    return from_bytes(folder.read_bytes(name)) if folder.exists(name) else {}
+    if not folder.exists(name):
+        return {}
+    try:
+        return from_bytes(folder.read_bytes(name))
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:  # a cache: recomputed, never trusted
+        log.warning("predictions: %s is unreadable (%s); the champion runs on every example",
+                    folder.child_uri(name), exc)
+        return {}
