@@ -4,6 +4,7 @@ checkpoint format written by tf.compat.v1's own Saver."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -94,11 +95,32 @@ def test_the_activation_survives_a_saved_teacher_folder(tmp_path, sample, source
     raw = json.loads((sample / "minilm" / "config.json").read_text()) | {"hidden_act": source_act}
     (source / "config.json").write_text(json.dumps(raw))
     out = tmp_path / "teacher"
-    run_cli("fetch-teacher", "--source", str(source), "--output", str(out), check=True)
+    blocker = tmp_path / "no-tf" / "tensorflow"  # a Hugging Face folder is read and checked without TensorFlow
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('fetch-teacher imported TensorFlow')\n")
+    run_cli("fetch-teacher", "--source", str(source), "--output", str(out), check=True,
+            env={"PYTHONPATH": f"{blocker.parent}:{os.environ.get('PYTHONPATH', '')}"})
     assert BertConfig.from_json_file(out / "bert_config.json").hidden_act == meaning
     assert transformers.BertConfig.from_json_file(out / "bert_config.json").hidden_act == hf_name
     config, _, _ = load_teacher(out, str(out), required_heads=())
     assert config.hidden_act == meaning
+
+
+def test_weights_given_to_the_model_start_its_variables_and_the_rest_draw_as_before():
+    """All given: nothing drawn, the values as given. Some given: the others as a model given none."""
+    config = BertConfig.from_dict(TINY)
+    fresh = Bert(config, seed=3).numpy_weights()
+    rng = np.random.default_rng(0)
+    given = {n: rng.normal(size=v.shape).astype(np.float32) for n, v in fresh.items()}
+    whole = Bert(config, seed=3, weights=given).numpy_weights()
+    assert all(np.array_equal(whole[n], given[n]) for n in given)
+    part = {n: v for n, v in given.items() if n.startswith("bert/encoder/")}
+    mixed = Bert(config, seed=3, weights=part).numpy_weights()
+    assert all(np.array_equal(mixed[n], part[n] if n in part else fresh[n]) for n in fresh)
+    with pytest.raises(ValueError, match="shape"):
+        Bert(config, weights={"bert/pooler/dense/bias": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="no such variable"):
+        Bert(config, weights={"bert/encoder/layer_9/output/dense/bias": np.zeros(32, np.float32)})
 
 
 @pytest.mark.slow  # fetch-teacher as a process, TensorFlow imported by each

@@ -212,8 +212,10 @@ def test_max_examples_labels_the_first_n_and_says_so(labelled, small_examples, t
     assert manifest["outputs"]["shard-00000.tfrecord"]["records"] == 100 and manifest["params"]["max_examples"] == 100
 
 
-def _shifted_month(tmp_path, corpus, sample) -> tuple:
+@pytest.fixture(scope="module")
+def shifted_examples(tmp_path_factory, corpus, sample):
     """The held-out text with one article edited, made into examples as next month's make-examples would."""
+    tmp_path = tmp_path_factory.mktemp("next-month")
     docs = (corpus / "text" / "heldout" / "shard-00000.txt").read_text(encoding="utf-8").split("\n\n")
     docs[1] = "A sentence written this month. " + docs[1]
     text = tmp_path / "text" / "heldout" / "shard-00000.txt"
@@ -239,11 +241,11 @@ def last_month(tmp_path_factory, labelled, small_examples, tiny_teacher):
 
 
 def test_last_months_labels_are_reused_for_the_examples_that_did_not_change(
-        tmp_path, corpus, sample, tiny_teacher, last_month, labelled):
+        tmp_path, shifted_examples, tiny_teacher, last_month, labelled):
     from bertdistill.records import split_label
     from bertdistill.tfrecord import read_records
 
-    examples = _shifted_month(tmp_path, corpus, sample)
+    examples = shifted_examples
     reused = tmp_path / "labels" / "heldout" / "shard-00000.tfrecord"
     fresh = tmp_path / "fresh" / "heldout" / "shard-00000.tfrecord"
     run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(examples), "--output", str(reused),
@@ -287,3 +289,51 @@ def test_a_shard_found_whole_in_last_months_labels_never_loads_tensorflow(
             "--top-k", "10", "--reuse", str(last_month), check=True,
             env={"PYTHONPATH": f"{blocker.parent}:{os.environ.get('PYTHONPATH', '')}"})
     assert out.read_bytes() == labelled.read_bytes()
+
+
+def test_replay_keeps_the_examples_found_in_last_months_labels_and_labels_others_only_when_short(
+        tmp_path, shifted_examples, tiny_teacher, last_month, labelled):
+    """A warm month's train shard: the first N examples found last month, their labels copied, with
+    TensorFlow made unimportable; asked for more than were found, the first others are labelled."""
+    from bertdistill.records import split_label
+    from bertdistill.tfrecord import read_records
+
+    with open(labelled, "rb") as f:
+        before = {split_label(r)[0]: r for r in read_records(f)}
+    with open(shifted_examples, "rb") as f:
+        examples = list(read_records(f))
+    found = [e for e in examples if e in before]
+    assert 0 < len(found) < len(examples)
+    blocker = tmp_path / "no-tf" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('label-teacher imported TensorFlow')\n")
+    out = tmp_path / "replay" / "heldout" / "shard-00000.tfrecord"
+    run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(shifted_examples), "--output", str(out),
+            "--top-k", "10", "--max-examples", "500", "--reuse", str(last_month), "--replay", check=True,
+            env={"PYTHONPATH": f"{blocker.parent}:{os.environ.get('PYTHONPATH', '')}"})
+    with open(out, "rb") as f:
+        kept = list(read_records(f))
+    assert kept == [before[e] for e in found[:500]]  # in the shard's order, labels byte for byte
+    summary = json.loads((out.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())["summary"]
+    assert summary["reused"] == summary["examples"] == 500
+    assert summary["passed_over"] == examples.index(found[499]) + 1 - 500 > 0
+
+    short = tmp_path / "short" / "heldout" / "shard-00000.tfrecord"
+    run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(shifted_examples), "--output",
+            str(short), "--top-k", "10", "--max-examples", str(len(found) + 5), "--reuse", str(last_month),
+            "--replay", check=True)
+    with open(short, "rb") as f:
+        records = list(read_records(f))
+    assert records[:len(found)] == [before[e] for e in found]
+    others = [e for e in examples if e not in before][:5]
+    assert [split_label(r)[0] for r in records[len(found):]] == others  # labelled by the teacher
+    summary = json.loads((short.parent / "_MANIFEST.shard-00000.tfrecord.json").read_text())["summary"]
+    assert (summary["examples"], summary["reused"]) == (len(found) + 5, len(found))
+    assert summary["passed_over"] == len(examples) - len(found) - 5
+
+
+def test_replay_needs_reuse_and_max_examples(tmp_path, small_examples, tiny_teacher):
+    result = run_cli("label-teacher", "--teacher", str(tiny_teacher), "--input", str(small_examples), "--output",
+                     str(tmp_path / "x.tfrecord"), "--replay")
+    assert result.returncode == 2 and error_lines(result) == [
+        "error: label-teacher: --replay keeps the first --max-examples examples found in --reuse's labels: give both"]

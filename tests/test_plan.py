@@ -307,6 +307,12 @@ def test_a_warm_month_two_draws_its_fresh_share_from_the_new_and_changed_article
     labels = planning.label_teacher_args(warm, warm.adapted_teacher)[-1]
     assert labels[labels.index("--input") + 1].endswith("fresh/shard-00000.tfrecord")
     assert labels[labels.index("--max-examples") + 1] == str(3000 * 32 // 2)  # half of 3,000 steps x 32
+    replays = {args[args.index("--input") + 1].rsplit("/", 2)[-2]: "--replay" in args
+               for args in planning.label_teacher_args(warm, warm.adapted_teacher)}
+    assert replays == {"train": True, "heldout": False, "temporal": False, "fresh": False}  # unchanged replayed
+    forced = planning.make_plan(FULL | {"warm_start": True, "force": True}, SETTINGS, "20261101", champion=champion,
+                                previous="20261001")
+    assert not any("--replay" in args for args in planning.label_teacher_args(forced, forced.adapted_teacher))
     for args in planning.distill_args(warm, warm.adapted_teacher):  # the student and its control alike
         assert args[args.index("--fresh") + 1].endswith("/fresh") and args[args.index("--fresh-share") + 1] == "0.5"
     unmixed = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion)
@@ -315,6 +321,7 @@ def test_a_warm_month_two_draws_its_fresh_share_from_the_new_and_changed_article
     whole = planning.make_plan(FULL | {"warm_start": True, "fresh_share": 0}, SETTINGS, "20261101",
                                champion=champion, previous="20261001")
     assert planning.FRESH_SHARD not in planning.text_shards(whole) and whole.student != warm.student
+    assert not any("--replay" in args for args in planning.label_teacher_args(whole, whole.adapted_teacher))
     with pytest.raises(ValueError, match="fresh_share = 1"):
         planning.full_params(FULL | {"fresh_share": 1})
 

@@ -22,6 +22,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bertdistill.errors import StepError
+from bertdistill.manifest import committed_input
+from bertdistill.store import open_folder
+
 log = logging.getLogger(__name__)
 
 FOLDER = "predictions"
@@ -100,10 +104,6 @@ class ReusingPredictor:
 def previous(report_uri: str, weights_sha256: str) -> dict[bytes, Row]:
     """The predictions of the model with those weights that the report in `report_uri` kept; none
     when that report is unfinished, older than these files or about other models."""
-    from bertdistill.errors import StepError
-    from bertdistill.manifest import committed_input
-    from bertdistill.store import open_folder
-
     try:
         committed_input(report_uri, "evaluate")
     except StepError as exc:

@@ -60,6 +60,13 @@ def staged_teacher(uri: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def export_weights_sha256(export_uri: str) -> str:
+    """The sha256 of a committed student export's weights, as distill's manifest recorded it (hashed
+    again only for a manifest without it)."""
+    entry = committed_input(export_uri, "distill", below=1).outputs.get(f"{EXPORT}/{WEIGHTS}", {})
+    return entry.get("sha256") or open_folder(export_uri).sha256(WEIGHTS)
+
+
 def teacher_identity(uri: str) -> dict[str, str]:
     """What labels record about their teacher: where it was and the sha256 of its weights."""
     entry = committed_teacher(uri).outputs.get(WEIGHTS, {})

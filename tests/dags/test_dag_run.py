@@ -268,6 +268,13 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     labelled = json.loads(heldout.read_text())["summary"]
     assert labelled["examples"] > labelled["reused"] > labelled["examples"] / 2, labelled
     assert labelled["reused_from"][0].startswith(str(root / "store" / "runs" / "enwiki-20160101" / "labels"))
+    # the train shards replay unchanged examples only, their labels copied: no teacher ran on them
+    train = list(month_two.glob("labels/*/*/*/train/_MANIFEST.shard-*.tfrecord.json"))
+    assert train
+    for shard in train:
+        replayed = json.loads(shard.read_text())
+        assert replayed["params"]["replay"] and replayed["summary"]["reused"] == replayed["summary"]["examples"] > 0
+        assert replayed["summary"]["teacher_load_seconds"] == 0, replayed["summary"]
     [student] = (month_two / "students").iterdir()
     evaluated = json.loads((student / "report" / "_MANIFEST.json").read_text())
     assert evaluated["inputs"]["teacher"].split()[0] == str(adapted)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bertdistill.bert.config import CONFIG, VOCAB, WEIGHTS, BertConfig
-from bertdistill.bert.model import MLM_HEAD, NSP_HEAD, POOLER, variable_shapes
+from bertdistill.bert.variables import MLM_HEAD, NSP_HEAD, POOLER, variable_shapes
 from bertdistill.errors import StepError
 from bertdistill.tokenization import Vocab
 

@@ -337,7 +337,9 @@ def adapt_teacher_args(plan: Plan) -> list[str]:
 
 def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
     """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads;
-    with a month before (and no `force`), copying the labels of the examples it made the same."""
+    with a month before (and no `force`), copying the labels of the examples it made the same. A warm
+    start that draws the new and changed articles from the fresh shard replays only unchanged
+    examples from the train shards (`--replay`): they need no teacher."""
     p = plan.params
     labels = labels_folder(plan, teacher)
     heldout = default(EvaluateParams, "max_examples")
@@ -348,7 +350,8 @@ def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
         reuse = ["--reuse", in_month(plan, _join(plan.run, "labels", examples_key(p)), plan.previous)]
     return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
              "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(p.top_k),
-             "--max-examples", str(cap[s.split("/")[0]]), *reuse, *_force(plan)]
+             "--max-examples", str(cap[s.split("/")[0]]), *reuse,
+             *(["--replay"] if reuse and fresh_share(plan) and s.startswith("train/") else []), *_force(plan)]
             for s in text_shards(plan)]
 
 

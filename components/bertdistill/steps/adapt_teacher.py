@@ -144,8 +144,7 @@ def _adapt(config, weights, train: list[str], heldout: list[str], info: dict, pa
     from bertdistill.tfdata import pretraining_dataset
 
     tf.random.set_seed(params.seed)
-    model = Bert(config, seed=params.seed)
-    model.assign(weights)  # heads the checkpoint lacks keep their fresh initialisation
+    model = Bert(config, seed=params.seed, weights=weights)  # heads the checkpoint lacks start fresh
     before = evaluate_mlm(model, heldout, info, params.eval_examples)
     trainable = {n: v for n, v in model.weights.items()
                  if not params.freeze_encoder or n.startswith(("cls/", "bert/pooler/"))}

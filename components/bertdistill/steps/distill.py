@@ -250,9 +250,7 @@ def _train(params: DistillParams, world, teacher_config, teacher_weights, shards
     # Mixed precision on a GPU: bfloat16 compute, float32 variables and AdamW moments (bfloat16
     # keeps float32's exponent range, so no loss scaling); plain float32 on a CPU.
     _, dtype = accelerator()
-    model = Bert(config, seed=params.seed, compute_dtype=tf.dtypes.as_dtype(dtype))
-    if init is not None:
-        model.assign(init)
+    model = Bert(config, seed=params.seed, compute_dtype=tf.dtypes.as_dtype(dtype), weights=init)
     variables = list(model.weights.values())
     lr = peak_learning_rate(params)
     optimizer = AdamW(model.weights, lr, params.warmup(), params.steps, params.weight_decay)

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 from bertdistill import prediction_cache as predictions
-from bertdistill.bert.config import WEIGHTS
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
 from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
@@ -49,7 +48,7 @@ from bertdistill.report_chart import chart
 from bertdistill.report_figures import calibration_error, headline, paired_gain, temporal_verdict, verdict
 from bertdistill.shards import labelled_shards
 from bertdistill.store import open_folder, scratch_dir
-from bertdistill.teachers import committed_export, committed_teacher, staged_teacher
+from bertdistill.teachers import committed_export, committed_teacher, export_weights_sha256, staged_teacher
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +113,14 @@ def run(params: EvaluateParams) -> Manifest:
         info = open_labels(paths[0], vocab.sha256, params.top_k)
         for path in paths[1:] + temporal:
             open_labels(path, vocab.sha256, params.top_k)
-        weights = {role: open_folder(export).sha256(WEIGHTS) for role, export in exports.items()}
+        weights = {"student": export_weights_sha256(exports["student"])}  # the models whose predictions are kept
         known = {}
         if champion is not None and champion["export"] != exports["student"]:
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
                 committed_input(champion["export"], "distill", below=1)  # <student>/export
                 with staged_teacher(champion["export"]) as local:
                     students["champion"] = load_teacher(local, champion["export"])[:2]
-                weights["champion"] = open_folder(champion["export"]).sha256(WEIGHTS)
+                weights["champion"] = export_weights_sha256(champion["export"])
                 if champion.get("report") and not params.force:  # its predictions as that month's student
                     known["champion"] = predictions.previous(champion["report"], weights["champion"])
             else:
@@ -178,10 +177,8 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
 
     models = {}
     for role, (config, weights) in students.items():
-        models[role] = Bert(config)
-        models[role].assign(weights)
-    teacher = Bert(teacher_config)
-    teacher.assign(teacher_weights)
+        models[role] = Bert(config, weights=weights)
+    teacher = Bert(teacher_config, weights=teacher_weights)
     L, P, k = info["max_seq_length"], info["max_predictions_per_seq"], params.top_k
 
     def predictor(model):
@@ -229,8 +226,8 @@ def evaluate(students: dict[str, tuple], teacher_config, teacher_weights, paths:
             else:
                 outputs[role].append(predict(batch))
         if sessions:
-            feeds = onnx_model.feeds(*(batch[k].numpy() for k in ("input_ids", "input_mask", "segment_ids",
-                                                                  "masked_lm_positions")))
+            feeds = onnx_model.feeds(*(arrays[k] for k in ("input_ids", "input_mask", "segment_ids",
+                                                           "masked_lm_positions")))
             if parity is None:
                 parity = onnx_parity(models["student"], sessions["fp32"], batch, feeds)
             for precision, session in sessions.items():

@@ -14,6 +14,12 @@ teacher with this k, gets its label copied (label_cache.py): make-examples makes
 for an unchanged article, so a month labels only what changed. A shard whose examples are all
 found never imports TensorFlow or loads the teacher.
 
+With `--replay` as well (a warm-started month's train shards), the first --max-examples examples
+*found* in last month's labels are kept, their labels copied, and the others passed over: the
+student replays unchanged articles, and meets the new and changed ones in the fresh shard, which is
+labelled whole. The teacher runs only when the shard holds too few found examples (then the first of
+the others fill up the count), so a warm month's train shards never start TensorFlow.
+
 The teacher runs in float32 on every device, with TensorFloat-32 matmuls off: labels are
 made once and read for every student, and bfloat16 labelling (emulated on the demo
 teacher) moved top-10 probabilities by up to 11.7% and changed the top-10 list in half
@@ -55,6 +61,9 @@ class LabelTeacherParams:
     reuse: str | None = flag(None, help="last month's labels folder (<labels>, holding <set>/<split>/<shard>"
                              ".tfrecord): the labels of examples found there, made by this teacher with this k, "
                              "are copied instead of recomputed")
+    replay: bool = flag(False, help="with --reuse and --max-examples: keep the first N examples found in last "
+                        "month's labels and pass the others over (a warm start's replay of unchanged articles); "
+                        "the teacher labels the first others only when fewer than N are found")
     force: bool = False
 
 
@@ -70,6 +79,10 @@ def run(params: LabelTeacherParams) -> Manifest:
     fingerprint = {"schema": 2, "top_k": params.top_k, "teacher_weights_sha256": identity["weights_sha256"]}
     if params.max_examples:
         fingerprint["max_examples"] = params.max_examples
+    if params.replay:
+        if not (params.reuse and params.max_examples):
+            raise StepError("--replay keeps the first --max-examples examples found in --reuse's labels: give both")
+        fingerprint["replay"] = True
 
     def work(writer: OutputWriter) -> dict:
         cache, used = {}, []
@@ -81,19 +94,24 @@ def run(params: LabelTeacherParams) -> Manifest:
             cache, used = previous_labels(params.reuse, shard, wanted)
         teacher = _Teacher(params, info)
         with writer.stream(out_name) as out:  # examples streamed in, labelled records streamed out
-            summary = _label(params, out, teacher, cache)
+            summary = (_replay if params.replay and cache else _label)(params, out, teacher, cache)
         writer.note(out_name, records=summary["examples"])
         summary.update(teacher=identity, top_k=params.top_k, vocab_sha256=info["vocab_sha256"],
                        max_seq_length=info["max_seq_length"], max_predictions_per_seq=info["max_predictions_per_seq"],
                        reused_from=used)
         print(f"label-teacher: {summary['examples']:,} examples labelled (k={params.top_k}; {summary['reused']:,} "
-              f"reused from last month's labels) in {summary['seconds']:.1f} s, "
+              f"reused from last month's labels{_passed_over(summary)}) in {summary['seconds']:.1f} s, "
               f"{summary['examples_per_second']:,.0f} examples/s, "
               f"{summary['label_bytes_per_example']:.0f} label bytes/example -> {params.output}")
         return summary
 
     return run_step("label-teacher", fingerprint, {"examples": params.input, "teacher": params.teacher},
                     out_folder, work, output_file=out_name, force=params.force)
+
+
+def _passed_over(summary: dict) -> str:
+    skipped = summary.get("passed_over")
+    return f"; {skipped:,} not found there passed over: replay" if skipped is not None else ""
 
 
 def make_labeller(model, k: int, jit: bool):
@@ -144,8 +162,7 @@ class _Teacher:
             raise StepError(f"--top-k {params.top_k} is larger than the vocab ({config.vocab_size})")
         gpu, _ = accelerator()
         tf.config.experimental.enable_tensor_float_32_execution(False)
-        model = Bert(config)
-        model.assign(weights)
+        model = Bert(config, weights=weights)
         self.labeller = make_labeller(model, params.top_k, jit=gpu or os.environ.get("BERTDISTILL_XLA") == "1")
         self.spec = pretraining_spec(self.info["max_seq_length"], self.info["max_predictions_per_seq"])
         self.load_seconds = time.perf_counter() - started
@@ -203,9 +220,46 @@ def _label(params: LabelTeacherParams, out, teacher: _Teacher, cache: dict[bytes
                 label_bytes += len(entry)
             examples += len(window)
             progress.update(examples, " examples")
+    return _summary(examples, reused, label_bytes, progress, teacher)
+
+
+def _summary(examples: int, reused: int, label_bytes: int, progress: Progress, teacher: _Teacher) -> dict:
     seconds = progress.elapsed - teacher.load_seconds
     return {"examples": examples, "reused": reused, "seconds": round(seconds, 3),
             "teacher_load_seconds": round(teacher.load_seconds, 3),
             "examples_per_second": examples / max(seconds, 1e-9),
             "label_bytes_per_example": label_bytes / max(examples, 1), "dtype": "float32",
             "mean_topk_mass": teacher.topk_mass / max(teacher.positions, 1)}
+
+
+def _replay(params: LabelTeacherParams, out, teacher: _Teacher, cache: dict[bytes, bytes]) -> dict:
+    """The first --max-examples examples of the shard found in the cache, in order, with their labels
+    copied; then, only if the shard ran out first, the first of the others, labelled by the teacher."""
+    folder, name = split_uri(params.input)
+    progress = Progress(log, "label-teacher", params.max_examples)
+    kept = label_bytes = misses = 0
+    others: list[bytes] = []  # the first max_examples of them, in case the shard runs out
+    with folder.open_read(name) as f:
+        for record in read_records(f, params.input):
+            entry = cache.get(example_key(record))
+            if entry is None:
+                misses += 1
+                if len(others) < params.max_examples:
+                    others.append(record)
+                continue
+            out.write(frame(join_label(record, entry)))
+            label_bytes += len(entry)
+            kept += 1
+            progress.update(kept, " examples")
+            if kept == params.max_examples:
+                break
+    filled = others[: params.max_examples - kept]
+    for at in range(0, len(filled), params.batch_size):
+        chosen = filled[at : at + params.batch_size]
+        for record, entry in zip(chosen, teacher.label(chosen), strict=True):
+            out.write(frame(join_label(record, entry)))
+            label_bytes += len(entry)
+    if filled:
+        log.info("label-teacher: only %d examples of %s found in last month's labels: the teacher labelled the "
+                 "first %d others", kept, params.input, len(filled))
+    return _summary(kept + len(filled), kept, label_bytes, progress, teacher) | {"passed_over": misses - len(filled)}

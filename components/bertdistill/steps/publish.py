@@ -251,8 +251,7 @@ def serving_module(config, weights):
     class Serving(tf.Module):
         def __init__(self):
             super().__init__(name="bertdistill_student")
-            self.bert = Bert(config)
-            self.bert.assign(weights)
+            self.bert = Bert(config, weights=weights)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name=n)
                                       for n in ("input_ids", "input_mask", "segment_ids")])
