@@ -11,6 +11,7 @@ import pytest
 
 from bertdistill.errors import StepError
 from bertdistill.orchestration import plan as planning
+from bertdistill.orchestration import step_args
 from bertdistill.orchestration.settings import Settings
 from bertdistill.steps.fetch_dump import Mirror, resolve_date
 
@@ -45,10 +46,10 @@ def test_every_example_setting_keys_the_examples_labels_and_student(change):
 
 def test_build_corpus_reads_only_the_articles_of_the_selected_dump_files():
     plan = planning.make_plan(TRIAL, SETTINGS, "20261101")
-    args = planning.build_corpus_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
+    args = step_args.build_corpus_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
     inputs = args[args.index("--input") + 1: args.index("--output")]
     assert inputs == [f"{plan.articles}/enwiki-20261101-pages-articles1"]
-    [extract] = planning.extract_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
+    [extract] = step_args.extract_args(plan, ["enwiki-20261101-pages-articles1.xml-p1p41242.bz2"])
     assert extract[extract.index("--output") + 1] == inputs[0]  # what extract wrote, and only that
 
 
@@ -94,7 +95,7 @@ def test_latest_is_the_newest_dump_finished_at_the_runs_own_time(tmp_path):
 def test_the_teacher_labels_what_distill_and_evaluate_read_and_no_more():
     p = {"train_shards": 8, "heldout_shards": 1, "train_steps": 1000, "batch_size": 32, "ranks": 3}
     plan = planning.make_plan(p, SETTINGS, "20261101")
-    args = planning.label_teacher_args(plan, plan.teacher)
+    args = step_args.label_teacher_args(plan, plan.teacher)
     caps = {a[a.index("--input") + 1].rsplit("/", 2)[-2]: int(a[a.index("--max-examples") + 1]) for a in args}
     # 3 ranks split 8 shards 3/3/2: the 2-shard group reads 1000 x 32 / 2 = 16,000 examples of each
     assert caps == {"train": 16_000, "heldout": 50_000}
@@ -228,13 +229,13 @@ def test_a_warm_start_begins_at_the_champion_and_trains_its_fraction_of_the_step
     cold = planning.make_plan(FULL, SETTINGS, "20261101")
     warm = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion)
     assert warm.init_from == champion and warm.student != cold.student
-    runs = planning.distill_args(warm, warm.adapted_teacher)
+    runs = step_args.distill_args(warm, warm.adapted_teacher)
     assert len(runs) == 2
     for args in runs:
         assert args[args.index("--init-from") + 1] == champion
         assert args[args.index("--steps") + 1] == "3000"  # 30% of 10,000
         assert args[args.index("--learning-rate") + 1] == "0.0001"  # the warm start's peak, below a cold one's
-    assert not {"--init-from", "--learning-rate"} & set(planning.distill_args(cold, cold.adapted_teacher)[0])
+    assert not {"--init-from", "--learning-rate"} & set(step_args.distill_args(cold, cold.adapted_teacher)[0])
     first_month = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=None)
     assert first_month.init_from is None and first_month.student == cold.student
     assert planning.make_plan(FULL, SETTINGS, "20261101", champion=champion).init_from is None  # not asked for
@@ -271,16 +272,16 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     corpus = tasks.corpus(two)
     assert corpus[corpus.index("--previous") + 1:corpus.index("--previous") + 2] == [
         f"{one.articles}/enwiki-20261001-pages-articles1"]
-    labels = planning.label_teacher_args(two, two.adapted_teacher)[-1]
+    labels = step_args.label_teacher_args(two, two.adapted_teacher)[-1]
     assert labels[labels.index("--input") + 1].endswith("temporal/shard-00000.tfrecord")
     assert labels[labels.index("--max-examples") + 1] == "50000"  # as many as evaluate reads
-    for args in planning.label_teacher_args(two, two.adapted_teacher):  # labels of unchanged examples copied
+    for args in step_args.label_teacher_args(two, two.adapted_teacher):  # labels of unchanged examples copied
         assert args[args.index("--reuse") + 1] == f"{one.run}/labels/{planning.examples_key(one.params)}"
-    assert "--reuse" not in planning.label_teacher_args(one, one.adapted_teacher)[0]
+    assert "--reuse" not in step_args.label_teacher_args(one, one.adapted_teacher)[0]
     assert planning.FRESH_SHARD not in planning.text_shards(two)  # a cold student reads the whole month only
-    evaluate = planning.evaluate_args(two, two.adapted_teacher)
+    evaluate = step_args.evaluate_args(two, two.adapted_teacher)
     assert evaluate[evaluate.index("--temporal") + 1].endswith("/temporal")
-    assert "--temporal" not in planning.evaluate_args(one, one.adapted_teacher)
+    assert "--temporal" not in step_args.evaluate_args(one, one.adapted_teacher)
 
     _commit(two.teacher, summary={"heads": ["pooler"]})
     assert tasks.teacher_needs_head(two) is True  # month one adapted nothing yet
@@ -291,7 +292,7 @@ def test_month_two_finds_month_one_and_reuses_its_adapted_teacher_while_the_teac
     assert tasks.teacher_ready(two)["teacher"] == one.adapted_teacher
     forced = planning.make_plan(TRIAL | {"force": True}, settings, "20261101", previous="20261001")
     assert tasks.teacher_needs_head(forced) is True and tasks.teacher_ready(forced)["teacher"] == forced.teacher
-    assert "--reuse" not in planning.label_teacher_args(forced, forced.teacher)[0]  # force labels everything
+    assert "--reuse" not in step_args.label_teacher_args(forced, forced.teacher)[0]  # force labels everything
     _commit(two.teacher, summary={"heads": ["pooler"], "refetched": True})  # another teacher under the same name
     assert tasks.teacher_needs_head(two) is True and tasks.teacher_ready(two)["teacher"] == two.teacher
 
@@ -304,33 +305,33 @@ def test_a_warm_month_two_draws_its_fresh_share_from_the_new_and_changed_article
     warm = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion,
                               previous="20261001")
     assert planning.text_shards(warm)[-2:] == [planning.TEMPORAL_SHARD, planning.FRESH_SHARD]
-    labels = planning.label_teacher_args(warm, warm.adapted_teacher)[-1]
+    labels = step_args.label_teacher_args(warm, warm.adapted_teacher)[-1]
     assert labels[labels.index("--input") + 1].endswith("fresh/shard-00000.tfrecord")
     assert labels[labels.index("--max-examples") + 1] == str(3000 * 32 // 2)  # half of 3,000 steps x 32
     replays = {args[args.index("--input") + 1].rsplit("/", 2)[-2]: "--replay" in args
-               for args in planning.label_teacher_args(warm, warm.adapted_teacher)}
+               for args in step_args.label_teacher_args(warm, warm.adapted_teacher)}
     assert replays == {"train": True, "heldout": False, "temporal": False, "fresh": False}  # unchanged replayed
     forced = planning.make_plan(FULL | {"warm_start": True, "force": True}, SETTINGS, "20261101", champion=champion,
                                 previous="20261001")
-    assert not any("--replay" in args for args in planning.label_teacher_args(forced, forced.adapted_teacher))
-    for args in planning.distill_args(warm, warm.adapted_teacher):  # the student and its control alike
+    assert not any("--replay" in args for args in step_args.label_teacher_args(forced, forced.adapted_teacher))
+    for args in step_args.distill_args(warm, warm.adapted_teacher):  # the student and its control alike
         assert args[args.index("--fresh") + 1].endswith("/fresh") and args[args.index("--fresh-share") + 1] == "0.5"
     unmixed = planning.make_plan(FULL | {"warm_start": True}, SETTINGS, "20261101", champion=champion)
     assert planning.train_labels_per_shard(warm) * 2 == planning.train_labels_per_shard(unmixed)
-    assert "--fresh" not in planning.distill_args(unmixed, unmixed.adapted_teacher)[0]
+    assert "--fresh" not in step_args.distill_args(unmixed, unmixed.adapted_teacher)[0]
     whole = planning.make_plan(FULL | {"warm_start": True, "fresh_share": 0}, SETTINGS, "20261101",
                                champion=champion, previous="20261001")
     assert planning.FRESH_SHARD not in planning.text_shards(whole) and whole.student != warm.student
-    assert not any("--replay" in args for args in planning.label_teacher_args(whole, whole.adapted_teacher))
+    assert not any("--replay" in args for args in step_args.label_teacher_args(whole, whole.adapted_teacher))
     with pytest.raises(ValueError, match="fresh_share = 1"):
         planning.full_params(FULL | {"fresh_share": 1})
 
 
 def test_checkpoints_cost_at_most_one_per_hundred_steps():
     """A warm month's 60 steps write no checkpoint; a long run every 500 steps; between, a quarter."""
-    assert planning.checkpoint_every(60) == 100 and planning.checkpoint_every(200) == 100
-    assert planning.checkpoint_every(1_000) == 250 and planning.checkpoint_every(100_000) == 500
+    assert step_args.checkpoint_every(60) == 100 and step_args.checkpoint_every(200) == 100
+    assert step_args.checkpoint_every(1_000) == 250 and step_args.checkpoint_every(100_000) == 500
     demo = planning.make_plan(FULL, SETTINGS, "20261101")
-    [student, *_] = planning.distill_args(demo, "T")
-    every = planning.checkpoint_every(planning.train_steps(demo))
+    [student, *_] = step_args.distill_args(demo, "T")
+    every = step_args.checkpoint_every(planning.train_steps(demo))
     assert student[student.index("--checkpoint-every") + 1] == str(every)

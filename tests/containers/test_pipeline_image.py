@@ -108,19 +108,18 @@ def _on_cpu(pod: dict, images: dict[str, str]) -> dict:
 
 def _steps(plan, settings) -> list:
     """(task id, arguments) of every pod step in the DAG's order, from the DAG's own functions."""
-    from bertdistill.orchestration import plan as planning
-    from bertdistill.orchestration import tasks
+    from bertdistill.orchestration import step_args, tasks
 
-    steps = [("fetch_dump", planning.fetch_dump_args(plan, settings.mirror))]
+    steps = [("fetch_dump", step_args.fetch_dump_args(plan, settings.mirror))]
     steps.append(("extract", lambda: tasks.dump_files(plan)))
     steps.append(("build_corpus", lambda: tasks.corpus(plan)))
-    steps.append(("fetch_teacher", planning.fetch_teacher_args(plan)))
+    steps.append(("fetch_teacher", step_args.fetch_teacher_args(plan)))
     steps.append(("make_examples", lambda: tasks.example_shards(plan)))
-    steps.append(("adapt_teacher", planning.adapt_teacher_args(plan)))
-    steps.append(("label_teacher", lambda: planning.label_teacher_args(plan, plan.adapted_teacher)))
-    steps.append(("distill", planning.distill_args(plan, plan.adapted_teacher)))
-    steps.append(("evaluate", planning.evaluate_args(plan, plan.adapted_teacher)))
-    steps.append(("publish", planning.publish_args(plan)))
+    steps.append(("adapt_teacher", step_args.adapt_teacher_args(plan)))
+    steps.append(("label_teacher", lambda: step_args.label_teacher_args(plan, plan.adapted_teacher)))
+    steps.append(("distill", step_args.distill_args(plan, plan.adapted_teacher)))
+    steps.append(("evaluate", step_args.evaluate_args(plan, plan.adapted_teacher)))
+    steps.append(("publish", step_args.publish_args(plan)))
     return steps
 
 
@@ -240,10 +239,11 @@ def test_evaluate_and_publish_reached_mlflow_from_their_pods(pipeline_runs, mlfl
 def test_without_its_scratch_volume_a_step_says_so_in_one_error_line(pipeline_runs):
     """The image's /scratch is read-only under a read-only root: the step names the folder and the fix."""
     from bertdistill.orchestration import plan as planning
+    from bertdistill.orchestration import step_args
 
     settings = pipeline_runs["settings"]
     plan = planning.make_plan(TINY, settings, DATE)
-    pod = _pod(settings, "fetch_teacher", [*planning.fetch_teacher_args(plan), "--force"])
+    pod = _pod(settings, "fetch_teacher", [*step_args.fetch_teacher_args(plan), "--force"])
     [container] = pod["spec"]["containers"]
     container.pop("volumeMounts")
     pod["spec"].pop("volumes")

@@ -1,4 +1,4 @@
-"""The run plan: from the form's params to every step's URIs and arguments.
+"""The run plan: from the form's params to every step's URIs and sizes (the command lines: step_args.py).
 
 Pure functions of (params, settings, the dump date), so the same plan comes out of the DAG,
 a test or a rerun, and a rerun finds the outputs of the first (resume = the steps' own
@@ -29,7 +29,6 @@ from bertdistill.orchestration.settings import Settings
 from bertdistill.steps.adapt_teacher import AdaptTeacherParams
 from bertdistill.steps.build_corpus import BuildCorpusParams
 from bertdistill.steps.distill import DistillParams
-from bertdistill.steps.evaluate import EvaluateParams
 from bertdistill.steps.fetch_dump import FetchDumpParams
 from bertdistill.steps.make_examples import MakeExamplesParams
 
@@ -180,7 +179,7 @@ def examples_key(p: RunParams) -> str:
 
 def month_run(plan: Plan, date: str) -> str:
     """The run folder of another month of the same wiki: its folders below have the same keys."""
-    return _join(plan.run.rsplit("/", 1)[0], f"{plan.params.wiki}-{date}")
+    return join_uri(plan.run.rsplit("/", 1)[0], f"{plan.params.wiki}-{date}")
 
 
 def in_month(plan: Plan, uri: str, date: str) -> str:
@@ -188,7 +187,7 @@ def in_month(plan: Plan, uri: str, date: str) -> str:
     return month_run(plan, date) + uri.removeprefix(plan.run)
 
 
-def _join(root: str, *parts: str) -> str:
+def join_uri(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
@@ -222,12 +221,12 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
                              f"shards to stay under {settings.shard_target_mb} MB of examples per shard: raise "
                              "BERTDISTILL_SHARD_TARGET_MB, or give the pods more scratch)") from None
     root = settings.store_root()
-    run = _join(root, "runs", f"{p.wiki}-{date}")
+    run = join_uri(root, "runs", f"{p.wiki}-{date}")
     teacher_source = p.teacher or settings.teacher
     teacher_name = _last(teacher_source).removesuffix(".zip")
-    examples = _join(run, "examples", examples_key(p))
-    teacher = _join(root, "teachers", teacher_name)
-    adapted = _join(run, "teachers", examples_key(p),
+    examples = join_uri(run, "examples", examples_key(p))
+    teacher = join_uri(root, "teachers", teacher_name)
+    adapted = join_uri(run, "teachers", examples_key(p),
                     f"{teacher_name}-adapted-{p.adapt_steps}-lr{p.adapt_learning_rate:g}")
     init_from = champion if p.warm_start else None
     warm = {"init_from": init_from, "warm_start_fraction": p.warm_start_fraction,
@@ -236,16 +235,16 @@ def make_plan(params: dict[str, Any], settings: Settings, date: str, dump_bytes:
         warm["fresh_share"] = p.fresh_share
     student_key = _key({k: getattr(p, k) for k in ("student_layers", "top_k", "train_steps", "batch_size", "ranks")}
                        | {"teacher": teacher_source, "examples": examples, "adapted": adapted} | warm)
-    student = _join(run, "students", f"{p.student_layers}l-k{p.top_k}-{student_key}")
+    student = join_uri(run, "students", f"{p.student_layers}l-k{p.top_k}-{student_key}")
     # one registered model per kind of student: only like students (same wiki, teacher, shape and
     # sequence length) compete for its champion alias
     model_name = f"bertdistill-{p.wiki}-{teacher_name}-{p.student_layers}l-{p.max_seq_length}"
-    return Plan(params=p, date=date, run=run, dumps=_join(root, "dumps"),
-                dump_folder=_join(root, "dumps", p.wiki, date), articles=_join(run, "articles"),
-                text=_join(run, "text", corpus_key(p)), examples=examples,
+    return Plan(params=p, date=date, run=run, dumps=join_uri(root, "dumps"),
+                dump_folder=join_uri(root, "dumps", p.wiki, date), articles=join_uri(run, "articles"),
+                text=join_uri(run, "text", corpus_key(p)), examples=examples,
                 teacher_source=teacher_source, model_name=model_name, teacher=teacher, adapted_teacher=adapted,
-                student=student, report=_join(student, "report"),
-                published=_join(student, "published", FOLDER_MANIFEST), init_from=init_from, previous=previous)
+                student=student, report=join_uri(student, "report"),
+                published=join_uri(student, "published", FOLDER_MANIFEST), init_from=init_from, previous=previous)
 
 
 def train_labels_per_shard(plan: Plan) -> int:
@@ -267,40 +266,17 @@ def fresh_share(plan: Plan) -> float:
 
 def labels_folder(plan: Plan, teacher: str) -> str:
     p = plan.params
-    return _join(plan.run, "labels", examples_key(p),
+    return join_uri(plan.run, "labels", examples_key(p),
                  f"{_last(teacher)}-k{p.top_k}-n{train_labels_per_shard(plan)}")
 
 
-# -- arguments of each step (after `bertdistill`) ---------------------------------------------
-def fetch_dump_args(plan: Plan, mirror: str) -> list[str]:
-    p = plan.params
-    args = ["fetch-dump", "--wiki", p.wiki, "--date", plan.date, "--mirror", mirror, "--output", plan.dumps]
-    if p.max_dump_files:
-        args += ["--max-files", str(p.max_dump_files)]
-    return args + _force(plan)
-
-
-def extract_args(plan: Plan, dump_files: list[str]) -> list[list[str]]:
-    """One extract per dump file, each into its own articles/<file>/ folder."""
-    return [["extract", "--input", _join(plan.dump_folder, name),
-             "--output", articles_folder(plan, name), *_force(plan)] for name in dump_files]
-
-
 def articles_folder(plan: Plan, dump_file: str) -> str:
-    return _join(plan.articles, dump_file.split(".xml")[0])
-
-
-def build_corpus_args(plan: Plan, dump_files: list[str], previous_articles: list[str] = ()) -> list[str]:
-    """The articles of these dump files only: a trial on the first N never reads the full run's others.
-    `previous_articles` (last month's, as its text manifest lists them) adds the temporal split."""
-    p = plan.params
-    previous = ["--previous", *previous_articles] if previous_articles else []
-    return ["build-corpus", "--input", *[articles_folder(plan, n) for n in dump_files], "--output", plan.text,
-            "--train-shards", str(p.train_shards), "--heldout-shards", str(p.heldout_shards), *previous,
-            *_force(plan)]
+    return join_uri(plan.articles, dump_file.split(".xml")[0])
 
 
 TEMPORAL_SHARD = "temporal/shard-00000"  # build-corpus' one temporal held-out shard
+
+
 FRESH_SHARD = "fresh/shard-00000"  # the new and changed articles that train: a warm start's diff
 
 
@@ -315,96 +291,12 @@ def text_shards(plan: Plan) -> list[str]:
             + ([FRESH_SHARD] if fresh_share(plan) else []))
 
 
-
-def make_examples_args(plan: Plan, vocab_file: str) -> list[list[str]]:
-    p = plan.params
-    return [["make-examples", "--input", _join(plan.text, f"{s}.txt"),
-             "--output", _join(plan.examples, f"{s}.tfrecord"), "--vocab-file", vocab_file,
-             "--max-seq-length", str(p.max_seq_length), "--max-predictions-per-seq",
-             str(p.max_predictions_per_seq), "--dupe-factor", str(p.dupe_factor), *_force(plan)]
-            for s in text_shards(plan)]
-
-
-def fetch_teacher_args(plan: Plan) -> list[str]:
-    return ["fetch-teacher", "--source", plan.teacher_source, "--output", plan.teacher]
-
-
-def adapt_teacher_args(plan: Plan) -> list[str]:
-    return ["adapt-teacher", "--teacher", plan.teacher, "--examples", plan.examples, "--output",
-            plan.adapted_teacher, "--steps", str(plan.params.adapt_steps), "--learning-rate",
-            str(plan.params.adapt_learning_rate), *_force(plan)]
-
-
-def label_teacher_args(plan: Plan, teacher: str) -> list[list[str]]:
-    """One labelling per shard, of as many examples as distill (train) or evaluate (held-out) reads;
-    with a month before (and no `force`), copying the labels of the examples it made the same. A warm
-    start that draws the new and changed articles from the fresh shard replays only unchanged
-    examples from the train shards (`--replay`): they need no teacher."""
-    p = plan.params
-    labels = labels_folder(plan, teacher)
-    heldout = default(EvaluateParams, "max_examples")
-    fresh = math.ceil(train_steps(plan) * p.batch_size * fresh_share(plan))  # what one group draws
-    cap = {"train": train_labels_per_shard(plan), "heldout": heldout, "temporal": heldout, "fresh": fresh}
-    reuse = []
-    if plan.previous and not p.force:
-        reuse = ["--reuse", in_month(plan, _join(plan.run, "labels", examples_key(p)), plan.previous)]
-    return [["label-teacher", "--teacher", teacher, "--input", _join(plan.examples, f"{s}.tfrecord"),
-             "--output", _join(labels, f"{s}.tfrecord"), "--top-k", str(p.top_k),
-             "--max-examples", str(cap[s.split("/")[0]]), *reuse,
-             *(["--replay"] if reuse and fresh_share(plan) and s.startswith("train/") else []), *_force(plan)]
-            for s in text_shards(plan)]
-
-
-def checkpoint_every(steps: int) -> int:
-    """A quarter of the run, at least 100 steps and at most 500. A checkpoint (weights and AdamW moments,
-    written and fsynced: 202 MB and 2.7 s wall, 2.2 CPU s, for the demo's 3-layer student) every 100
-    steps of 1.4 s is 2% of the run; every quarter of a warm month's 60 steps it was 13%, to save at most
-    80 s of work if the run is killed. Runs shorter than 100 steps are rerun whole after a kill."""
-    return min(500, max(100, steps // 4))
-
-
 def control_folder(plan: Plan) -> str:
     """The no-teacher control lives inside its student's folder: same settings, same key."""
-    return _join(plan.student, "control")
+    return join_uri(plan.student, "control")
 
 
 def train_steps(plan: Plan) -> int:
     """The student's steps: train_steps, or the warm-start fraction of them when it starts from the champion."""
     p = plan.params
     return max(1, math.ceil(p.train_steps * p.warm_start_fraction)) if plan.init_from else p.train_steps
-
-
-def distill_args(plan: Plan, teacher: str) -> list[list[str]]:
-    """The student, and (unless the form turned it off) its no-teacher control: the same student, init
-    (the champion too, when warm-started), data and steps on the hard labels only, so evaluate can
-    say what the teacher added."""
-    p = plan.params
-    steps = train_steps(plan)
-    warm = ["--init-from", plan.init_from, "--learning-rate", str(p.warm_start_learning_rate)] if plan.init_from else []
-    if fresh_share(plan):
-        warm += ["--fresh", _join(labels_folder(plan, teacher), "fresh"), "--fresh-share", str(fresh_share(plan))]
-    common = ["distill", "--teacher", teacher, "--labels", labels_folder(plan, teacher),
-              "--student-layers", str(p.student_layers), "--top-k", str(p.top_k), "--steps",
-              str(steps), "--batch-size", str(p.batch_size), "--grad-accum", str(p.ranks),
-              "--checkpoint-every", str(checkpoint_every(steps)), *warm, *_force(plan)]
-    runs = [[*common, "--output", plan.student]]
-    if p.control:
-        runs.append([*common, "--output", control_folder(plan), "--soft-mlm-weight", "0", "--soft-nsp-weight", "0"])
-    return runs
-
-
-def evaluate_args(plan: Plan, teacher: str) -> list[str]:
-    control = ["--control", control_folder(plan)] if plan.params.control else []
-    temporal = ["--temporal", _join(labels_folder(plan, teacher), "temporal")] if plan.previous else []
-    return ["evaluate", "--teacher", teacher, "--student", plan.student, "--heldout",
-            _join(labels_folder(plan, teacher), "heldout"), "--output", plan.report,
-            "--top-k", str(plan.params.top_k), "--champion", plan.model_name, *control, *temporal, *_force(plan)]
-
-
-def publish_args(plan: Plan) -> list[str]:
-    return ["publish", "--student", plan.student, "--report", plan.report, "--model-name", plan.model_name,
-            *_force(plan)]
-
-
-def _force(plan: Plan) -> list[str]:
-    return ["--force"] if plan.params.force else []

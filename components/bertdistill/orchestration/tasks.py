@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from bertdistill.manifest import FOLDER_MANIFEST, Manifest, read_manifest
 from bertdistill.orchestration import plan as planning
+from bertdistill.orchestration import step_args
 from bertdistill.orchestration.plan import Plan
 from bertdistill.orchestration.settings import Settings
 
@@ -162,17 +163,17 @@ def prepare(plan: Plan | dict, run_id: str, dag_id: str = "bert_distillation", r
     return {
         "parent_run_id": parent,
         "ranks": plan.params.ranks,
-        "fetch_dump": planning.fetch_dump_args(plan, settings.mirror),
-        "fetch_teacher": planning.fetch_teacher_args(plan),
-        "adapt_teacher": planning.adapt_teacher_args(plan),
-        "publish": planning.publish_args(plan),
+        "fetch_dump": step_args.fetch_dump_args(plan, settings.mirror),
+        "fetch_teacher": step_args.fetch_teacher_args(plan),
+        "adapt_teacher": step_args.adapt_teacher_args(plan),
+        "publish": step_args.publish_args(plan),
     }
 
 
 def dump_files(plan: Plan | dict) -> list[list[str]]:
     """One extract per file fetch-dump committed (its manifest lists them)."""
     plan = as_plan(plan)
-    return planning.extract_args(plan, _fetched(plan))
+    return step_args.extract_args(plan, _fetched(plan))
 
 
 def corpus(plan: Plan | dict) -> list[str]:
@@ -184,7 +185,7 @@ def corpus(plan: Plan | dict) -> list[str]:
         text = _manifest(planning.in_month(plan, plan.text, plan.previous))
         previous = [value.split(" ", 1)[0] for role, value in sorted(text.inputs.items())
                     if role.startswith("articles")]
-    return planning.build_corpus_args(plan, _fetched(plan), previous)
+    return step_args.build_corpus_args(plan, _fetched(plan), previous)
 
 
 def _fetched(plan: Plan) -> list[str]:
@@ -197,7 +198,7 @@ def _fetched(plan: Plan) -> list[str]:
 def example_shards(plan: Plan | dict) -> list[list[str]]:
     """Examples are tokenized with the teacher's own vocab, from the fetched teacher folder."""
     plan = as_plan(plan)
-    return planning.make_examples_args(plan, f"{plan.teacher}/vocab.txt")
+    return step_args.make_examples_args(plan, f"{plan.teacher}/vocab.txt")
 
 
 def teacher_needs_head(plan: Plan | dict) -> bool:
@@ -223,13 +224,13 @@ def teacher_ready(plan: Plan | dict) -> dict[str, Any]:
     plan = as_plan(plan)
     teacher = (plan.adapted_teacher if _manifest(plan.adapted_teacher) else None) or \
         reusable_adapted_teacher(plan) or plan.teacher
-    return {"teacher": teacher, "evaluate": planning.evaluate_args(plan, teacher)}
+    return {"teacher": teacher, "evaluate": step_args.evaluate_args(plan, teacher)}
 
 
 def labelled_shards(plan: Plan | dict, teacher: str) -> list[list[str]]:
-    return planning.label_teacher_args(as_plan(plan), teacher)
+    return step_args.label_teacher_args(as_plan(plan), teacher)
 
 
 def trainings(plan: Plan | dict, teacher: str) -> list[list[str]]:
     """The student's distill and its no-teacher control's (unless the form turned it off)."""
-    return planning.distill_args(as_plan(plan), teacher)
+    return step_args.distill_args(as_plan(plan), teacher)
