@@ -1,6 +1,6 @@
 """distill as the MPI Operator v2 runs an MPIJob: containers of the trainer image, mpirun over ssh.
 
-The job is mpijob.py's own `mpijob_body`; engine.MPIJobRun wires it as the operator's
+The job is mpijob_spec.py's own `mpijob_body`; engine.MPIJobRun wires it as the operator's
 controller does (ssh Secret, hostfile, OMPI_MCA_* environment, worker DNS names, launcher after
 every worker is Ready). Two workers train on two labelled shards in a folder mounted into both
 (a ReadWriteMany volume); the result must equal `horovodrun -np 2` on this machine with the same
@@ -44,7 +44,7 @@ def shared_store(tmp_path_factory, tiny_teacher, two_label_shards):
 
 
 def _job(workers: int) -> dict:
-    from bertdistill.orchestration.mpijob import mpijob_body
+    from bertdistill.orchestration.mpijob_spec import mpijob_body
     from bertdistill.orchestration.settings import Settings
 
     labels = {"app.kubernetes.io/name": "bertdistill", "airflow.apache.org/task_id": "distill"}

@@ -267,7 +267,7 @@ def test_network_policies_admit_exactly_the_intended_pods():
                 if o["kind"] == "NetworkPolicy"}
     assert set(policies) == {"default-deny", "mlflow"}
     # each MPIJob's own, as its operator creates it
-    from bertdistill.orchestration.mpijob import isolation_policy
+    from bertdistill.orchestration.mpijob_spec import isolation_policy
 
     policies["mpi"] = isolation_policy("bertdistill-distill-1a2b", "bertdistill", "uid-1")["spec"]
     step = ("bertdistill", pod_kwargs(Settings(mode="kubernetes"), "evaluate", {})["labels"])
