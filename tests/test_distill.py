@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ def test_a_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "the loss became" in line and "at step" in line and "last good checkpoint" in line
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert (out / latest["file"]).exists() and not (out / "_MANIFEST.json").exists()
+    assert latest["step"] > 1 and [p.name for p in (out / "checkpoints").glob("ckpt-*")] == [Path(latest["file"]).name]
 
 
 def test_labels_with_another_k_are_refused(tmp_path, tiny_teacher, labels_dir):

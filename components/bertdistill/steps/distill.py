@@ -8,8 +8,8 @@ T (scaled by T^2), the hard masked-LM cross-entropy on masked_lm_ids, and the
 next-sentence losses on the labels and on the teacher's logits.
 
 Checkpoints (weights, AdamW moments, step, loss history) go to <output>/checkpoints/ every
---checkpoint-every steps but not after the last one (the export follows it), each file first
-and `latest.json` last; a rerun resumes from the
+--checkpoint-every steps but not after the last one (the export follows it), each file first,
+`latest.json` last, then the earlier files deleted; a rerun resumes from the
 latest one and, since data order and dropout masks are functions of (seed, step), continues
 the same loss curve. A NaN loss stops the run naming the step; the last good checkpoint
 stays. The trained student lands in <output>/export/ in the teacher folder layout.
@@ -326,7 +326,9 @@ CHECKPOINTS = "checkpoints"
 
 
 def _checkpoint(output: Folder, model, optimizer, step: int, history: list[float], fingerprint: dict) -> None:
-    """Weights, moments and step in one safetensors file, then `latest.json` naming it (the commit)."""
+    """Weights, moments and step in one safetensors file, then `latest.json` naming it (the commit),
+    then the earlier checkpoints deleted (202 MB each for the demo's student), those of other
+    parameters included."""
     from safetensors.numpy import save as save_bytes
 
     arrays = {f"w/{n}": v.numpy() for n, v in model.weights.items()}
@@ -336,6 +338,9 @@ def _checkpoint(output: Folder, model, optimizer, step: int, history: list[float
     output.write_bytes(name, save_bytes(arrays, metadata={"step": str(step), "history": json.dumps(history)}))
     latest = {"step": step, "file": name, "params": fingerprint}
     output.write_bytes(f"{CHECKPOINTS}/latest.json", json.dumps(latest, sort_keys=True).encode())
+    for older in output.list(f"{CHECKPOINTS}/"):  # never read again: a rerun resumes from latest.json's
+        if older != name and older.rsplit("/", 1)[-1].startswith("ckpt-"):
+            output.delete(older)
 
 
 def _resume(output: Folder, model, optimizer, history: list[float], fingerprint: dict) -> int:
