@@ -12,7 +12,8 @@ sample's mirror, to which tests/next_dump.py adds enwiki 20160201 (87 articles k
    adapted again);
 3. month two warm in store A: `warm_start` (student and control from month one's champion, 30%
    of the steps at a peak learning rate of 1e-4, half of each batch from the new and changed
-   articles and half replay, so 15% of the train labels) and month one's adapted teacher reused.
+   articles and half replay of unchanged examples, whose labels are copied) and month one's
+   adapted teacher reused.
 
 Per step, the CPU seconds each step process used (its MLflow run's `step_cpu_seconds`, mapped
 tasks summed), then held-out and temporal held-out masked-LM top-1 of student, control, teacher

@@ -16,9 +16,10 @@ stays. The trained student lands in <output>/export/ in the teacher folder layou
 
 A monthly warm start (`--init-from` last month's champion) can train on what changed: with
 `--fresh` (the labelled shard of the month's new and changed articles) each example is drawn
-from it with probability `--fresh-share`, else from the train shards, which replay the whole
-month (TemporalWiki's diff plus replay): a fraction of the steps then meets every new article
-many times instead of a few of them once.
+from it with probability `--fresh-share`, else from the train shards, the replay (the DAG labels
+them with label-teacher --replay: unchanged articles' examples only; TemporalWiki's diff plus
+replay): a fraction of the steps then meets every new article many times instead of a few of
+them once.
 
     bertdistill distill --teacher T --labels LABELS --output OUT --student-layers 3 --steps 300
     horovodrun -np 2 bertdistill distill ... --grad-accum 2          # 2 ranks, same global batch
