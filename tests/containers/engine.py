@@ -34,18 +34,24 @@ def engine_env() -> dict[str, str]:
     return {**os.environ, "CONTAINERS_CONF": str(CONF)}
 
 
-def podman(*args: str, check: bool = True, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, env=engine_env(), timeout=timeout,
-                          **kwargs)
+def _niced(command: list[str], nice: int) -> list[str]:
+    return ["nice", "-n", str(nice), *command] if nice else command
+
+
+def podman(*args: str, check: bool = True, timeout: float = 900, nice: int = 0, **kwargs: Any
+           ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_niced(["podman", *args], nice), capture_output=True, text=True, env=engine_env(),
+                          timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"podman {' '.join(args[:3])}... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def make(*targets: str, timeout: float = 2400, **variables: str) -> None:
+def make(*targets: str, timeout: float = 2400, nice: int = 0, **variables: str) -> None:
     """A Makefile target, as a user runs it (`make images` is how the images are built, here too)."""
     command = ["make", "-s", *targets, *[f"{k}={v}" for k, v in variables.items()]]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=engine_env())
+    proc = subprocess.run(_niced(command, nice), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=engine_env())
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
