@@ -6,11 +6,13 @@ import bz2
 import gzip
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import error_lines, run_cli
+from tests.conftest import ROOT, error_lines, run_cli
+from tests.next_dump import NEXT_DATE, make_next_month
 
 
 def _articles(folder: Path) -> list[dict]:
@@ -34,7 +36,7 @@ def test_every_real_article_comes_out_clean(corpus, sample_dump):
     assert manifest["outputs"]["part-00000.jsonl.gz"]["bytes"] > 0
     assert len({a["id"] for a in articles}) == len(articles)
     for article in articles:
-        assert set(article) == {"id", "title", "url", "text"}
+        assert set(article) == {"id", "title", "url", "text", "page_key"}
         assert article["text"].strip()
         for entity in ("&amp;", "&lt;", "&gt;", "&quot;", "&nbsp;"):
             assert entity not in article["text"] and entity not in article["title"]
@@ -84,3 +86,58 @@ def test_missing_input_is_named(tmp_path):
     proc = run_cli("extract", "--input", str(tmp_path / "nope.xml.bz2"), "--output", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert "nope.xml.bz2" in error_lines(proc)[0] and "does not exist" in error_lines(proc)[0]
+
+
+@pytest.fixture(scope="module")
+def month_two(tmp_path_factory, sample):
+    mirror = tmp_path_factory.mktemp("mirror")
+    shutil.copytree(sample / "mirror", mirror, dirs_exist_ok=True)
+    changes = make_next_month(mirror, ROOT / ".cache" / "wheels")
+    [dump] = (mirror / "enwiki" / NEXT_DATE).glob("*.bz2")
+    return dump, changes
+
+
+def _parts(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("part-*.jsonl.gz"))}
+
+
+def test_unchanged_pages_are_copied_from_last_month_into_the_same_bytes(corpus, month_two, tmp_path):
+    dump, changes = month_two
+    run_cli("extract", "--input", str(dump), "--output", str(tmp_path / "scratch"), check=True)
+    proc = run_cli("extract", "--input", str(dump), "--output", str(tmp_path / "warm"), "--reuse",
+                   str(corpus / "articles"), check=True)
+    # The same bytes as extracting everything, and so the same documents in the same order for build-corpus.
+    assert _parts(tmp_path / "warm") == _parts(tmp_path / "scratch")
+    summary = json.loads((tmp_path / "warm" / "_MANIFEST.json").read_text())["summary"]
+    month_one = {a["id"] for a in _articles(corpus / "articles")}
+    copied = month_one & {str(i) for i in changes.kept}
+    assert summary["reused"] == len(copied) > 60 and summary["reused_from"] == [str(corpus / "articles")]
+    # WikiExtractor read only the other pages: the edited, the new, the redirects and the page without text.
+    pages = 206 - len(changes.deleted) + len(changes.new)
+    assert f"WikiExtractor runs on the other {pages - len(copied)}" in proc.stderr
+    written = {a["id"]: a for a in _articles(tmp_path / "warm")}
+    assert {str(i) for i in changes.edited + changes.new} <= set(written) and not copied & set(map(str, changes.edited))
+    assert summary["articles"] == len(written) + summary["empty"]
+
+
+def test_a_dump_of_another_base_url_reuses_nothing(corpus, month_two, tmp_path):
+    dump, _changes = month_two
+    moved = tmp_path / dump.name
+    xml = bz2.decompress(dump.read_bytes()).replace(b"<base>https://en.wikipedia.org/", b"<base>https://en.example.org/")
+    moved.write_bytes(bz2.compress(xml))
+    proc = run_cli("extract", "--input", str(moved), "--output", str(tmp_path / "out"), "--reuse",
+                   str(corpus / "articles"), str(tmp_path / "no-such-articles"), check=True)
+    summary = json.loads((tmp_path / "out" / "_MANIFEST.json").read_text())["summary"]
+    assert summary["reused"] == 0 and summary["reused_from"] == []
+    assert "another base URL or namespaces" in proc.stderr and "no-such-articles" in proc.stderr
+    assert all(a["url"].startswith("https://en.example.org/") for a in _articles(tmp_path / "out"))
+
+
+def test_the_same_dump_given_its_own_articles_copies_every_one(corpus, sample_dump, tmp_path):
+    proc = run_cli("extract", "--input", str(sample_dump), "--output", str(tmp_path / "again"), "--reuse",
+                   str(corpus / "articles"), check=True)
+    assert _parts(tmp_path / "again") == _parts(corpus / "articles")
+    summary = json.loads((tmp_path / "again" / "_MANIFEST.json").read_text())["summary"]
+    assert summary["reused"] == summary["written"] == 105
+    # Left for WikiExtractor: the 100 redirects (it skips them) and the one article without text.
+    assert "WikiExtractor runs on the other 101" in proc.stderr

@@ -183,6 +183,32 @@ def test_extract_and_build_corpus_take_the_files_fetch_dump_committed(tmp_path):
         a[a.index("--output") + 1] for a in extracts]
 
 
+def test_a_month_after_another_extracts_copying_from_the_articles_its_text_was_built_from(tmp_path):
+    """Every extract of the month gets all the articles folders the previous month's text names (a page
+    may move between a dump's files), the same ones build-corpus compares against; `force` none."""
+    from bertdistill.orchestration import tasks
+
+    settings = Settings(store=str(tmp_path))
+    last = planning.make_plan(TRIAL, settings, "20261001")
+    old = [planning.articles_folder(last, f"enwiki-20261001-pages-articles{i}.xml-p{i}p{i}.bz2") for i in (1, 2)]
+    _commit(last.text, inputs={"articles[0]": f"{old[0]} sha-a", "articles[1]": f"{old[1]} sha-b"})
+    names = [f"enwiki-20261101-pages-articles{i}.xml-p{i}p{i}.bz2" for i in (1, 2)]
+    for params in (TRIAL, TRIAL | {"force": True}):
+        plan = planning.make_plan(params, settings, "20261101", previous="20261001")
+        _commit(plan.dump_folder, outputs={n: {} for n in names})
+        extracts = tasks.dump_files(plan.to_xcom())
+        corpus = tasks.corpus(plan)
+        assert len(extracts) == 2 and corpus[corpus.index("--previous") + 1:][:2] == old
+        for extract in extracts:
+            if params.get("force"):
+                assert "--reuse" not in extract and "--force" in extract
+            else:
+                assert extract[extract.index("--reuse") + 1:] == old
+    _commit(last.dump_folder, outputs={names[0].replace("20261101", "20261001"): {}})
+    [first_month] = tasks.dump_files(last.to_xcom())
+    assert "--reuse" not in first_month
+
+
 def test_the_teacher_is_adapted_only_without_a_head_and_used_once_adapted(tmp_path):
     from bertdistill.orchestration import tasks
 

@@ -263,6 +263,11 @@ def test_the_next_months_dump_is_distilled_scored_against_the_champion_and_kept_
     # month one's adapted teacher (same teacher, same settings) labels month two: no adapt_teacher run
     assert "adapt_teacher" not in ran and "label_teacher" in ran and not (month_two / "teachers").exists()
     [adapted] = (root / "store" / "runs" / "enwiki-20160101" / "teachers").glob("*/*/*")
+    # the articles of unchanged pages are copied from month one's, not extracted again
+    [extracted] = month_two.glob("articles/*/_MANIFEST.json")
+    extracted = json.loads(extracted.read_text())["summary"]
+    assert extracted["written"] > extracted["reused"] > 60, extracted
+    assert extracted["reused_from"][0].startswith(str(root / "store" / "runs" / "enwiki-20160101" / "articles"))
     # month two's held-out labels are month one's wherever its examples are: its articles mostly did not change
     [heldout] = month_two.glob("labels/*/*/*/heldout/_MANIFEST.shard-00000.tfrecord.json")
     labelled = json.loads(heldout.read_text())["summary"]

@@ -33,10 +33,13 @@ def fetch_dump_args(plan: Plan, mirror: str) -> list[str]:
     return args + _force(plan)
 
 
-def extract_args(plan: Plan, dump_files: list[str]) -> list[list[str]]:
-    """One extract per dump file, each into its own articles/<file>/ folder."""
+def extract_args(plan: Plan, dump_files: list[str], previous_articles: list[str] = ()) -> list[list[str]]:
+    """One extract per dump file, each into its own articles/<file>/ folder. Each is given all of last
+    month's articles (`previous_articles`), not a file's namesake: a page may move between a dump's files.
+    `force` extracts everything again."""
+    reuse = ["--reuse", *previous_articles] if previous_articles and not plan.params.force else []
     return [["extract", "--input", join_uri(plan.dump_folder, name),
-             "--output", articles_folder(plan, name), *_force(plan)] for name in dump_files]
+             "--output", articles_folder(plan, name), *reuse, *_force(plan)] for name in dump_files]
 
 
 def build_corpus_args(plan: Plan, dump_files: list[str], previous_articles: list[str] = ()) -> list[str]:

@@ -171,21 +171,25 @@ def prepare(plan: Plan | dict, run_id: str, dag_id: str = "bert_distillation", r
 
 
 def dump_files(plan: Plan | dict) -> list[list[str]]:
-    """One extract per file fetch-dump committed (its manifest lists them)."""
+    """One extract per file fetch-dump committed (its manifest lists them), copying the articles of
+    unchanged pages from the previous month's when there is one."""
     plan = as_plan(plan)
-    return step_args.extract_args(plan, _fetched(plan))
+    return step_args.extract_args(plan, _fetched(plan), _previous_articles(plan))
 
 
 def corpus(plan: Plan | dict) -> list[str]:
     """build-corpus over exactly the articles of those files, compared with the previous month's
     articles (those its text was built from) when there is one."""
     plan = as_plan(plan)
-    previous = []
-    if plan.previous:
-        text = _manifest(planning.in_month(plan, plan.text, plan.previous))
-        previous = [value.split(" ", 1)[0] for role, value in sorted(text.inputs.items())
-                    if role.startswith("articles")]
-    return step_args.build_corpus_args(plan, _fetched(plan), previous)
+    return step_args.build_corpus_args(plan, _fetched(plan), _previous_articles(plan))
+
+
+def _previous_articles(plan: Plan) -> list[str]:
+    """The articles folders the previous month's text was built from (its manifest names them)."""
+    if not plan.previous:
+        return []
+    text = _manifest(planning.in_month(plan, plan.text, plan.previous))
+    return [value.split(" ", 1)[0] for role, value in sorted(text.inputs.items()) if role.startswith("articles")]
 
 
 def _fetched(plan: Plan) -> list[str]:

@@ -40,7 +40,7 @@ import numpy as np
 from bertdistill import prediction_cache as predictions
 from bertdistill.errors import StepError
 from bertdistill.flags import flag
-from bertdistill.manifest import Manifest, OutputWriter, committed_input, run_step
+from bertdistill.manifest import Manifest, OutputWriter, run_step
 from bertdistill.onnx_model import FOLDER as ONNX
 from bertdistill.onnx_scoring import export_onnx, onnx_parity, onnx_report
 from bertdistill.records import TOP_K
@@ -117,10 +117,9 @@ def run(params: EvaluateParams) -> Manifest:
         known = {}
         if champion is not None and champion["export"] != exports["student"]:
             if champion["vocab_sha256"] == vocab.sha256 and champion["max_seq_length"] == info["max_seq_length"]:
-                committed_input(champion["export"], "distill", below=1)  # <student>/export
+                weights["champion"] = export_weights_sha256(champion["export"])  # refused unless distill finished it
                 with staged_teacher(champion["export"]) as local:
                     students["champion"] = load_teacher(local, champion["export"])[:2]
-                weights["champion"] = export_weights_sha256(champion["export"])
                 if champion.get("report") and not params.force:  # its predictions as that month's student
                     known["champion"] = predictions.previous(champion["report"], weights["champion"])
             else:

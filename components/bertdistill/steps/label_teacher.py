@@ -182,6 +182,10 @@ class _Teacher:
         blobs = encode_labels(real.sum(axis=1), ids.numpy(), probs.numpy(), rest.numpy(), nsp.numpy())
         return [bytes_entry(LABEL_FEATURE, bytes_list_body([blob])) for blob in blobs]
 
+    def label_batches(self, examples: list[bytes], batch_size: int) -> list[bytes]:
+        return [entry for at in range(0, len(examples), batch_size)
+                for entry in self.label(examples[at : at + batch_size])]
+
 
 def _windows(records, size: int):
     window = []
@@ -211,10 +215,9 @@ def _label(params: LabelTeacherParams, out, teacher: _Teacher, cache: dict[bytes
             entries = [cache.get(example_key(r)) for r in window] if cache else [None] * len(window)
             misses = [i for i, entry in enumerate(entries) if entry is None]
             reused += len(window) - len(misses)
-            for at in range(0, len(misses), params.batch_size):
-                chosen = misses[at : at + params.batch_size]
-                for i, entry in zip(chosen, teacher.label([window[i] for i in chosen]), strict=True):
-                    entries[i] = entry
+            for i, entry in zip(misses, teacher.label_batches([window[i] for i in misses], params.batch_size),
+                                strict=True):
+                entries[i] = entry
             for record, entry in zip(window, entries, strict=True):
                 out.write(frame(join_label(record, entry)))
                 label_bytes += len(entry)
@@ -254,11 +257,9 @@ def _replay(params: LabelTeacherParams, out, teacher: _Teacher, cache: dict[byte
             if kept == params.max_examples:
                 break
     filled = others[: params.max_examples - kept]
-    for at in range(0, len(filled), params.batch_size):
-        chosen = filled[at : at + params.batch_size]
-        for record, entry in zip(chosen, teacher.label(chosen), strict=True):
-            out.write(frame(join_label(record, entry)))
-            label_bytes += len(entry)
+    for record, entry in zip(filled, teacher.label_batches(filled, params.batch_size), strict=True):
+        out.write(frame(join_label(record, entry)))
+        label_bytes += len(entry)
     if filled:
         log.info("label-teacher: only %d examples of %s found in last month's labels: the teacher labelled the "
                  "first %d others", kept, params.input, len(filled))
