@@ -172,12 +172,14 @@ class _Reused:
         return self.file.read(length).decode("utf-8")
 
 
-def _filtered_dump(path: Path, reused: _Reused, out: Path) -> int:
-    """The dump without the pages whose articles are copied: what WikiExtractor still has to read."""
+def _filtered_dump(path: Path, pages: _Pages, reused: _Reused, out: Path) -> int:
+    """The dump without the pages whose articles are copied: what WikiExtractor still has to read.
+    The pages come in the order _scan met them, so their keys are not computed again."""
+    keys = iter(key for _id, key in pages.order)
     kept = 0
     with _open_any(path) as f, open(out, "wb") as filtered:
         for kind, xml in dump_pages.split(f):
-            if kind != "page" or dump_pages.page_key(xml) not in reused.where:
+            if kind != "page" or next(keys) not in reused.where:
                 filtered.write(xml)
                 kept += kind == "page"
     return kept
@@ -193,7 +195,7 @@ def _extract(path: Path, params: ExtractParams, writer: OutputWriter) -> dict:
             source = path
             if reused.where:
                 source = Path(scratch) / "pages.xml"
-                left = _filtered_dump(path, reused, source)
+                left = _filtered_dump(path, pages, reused, source)
                 log.info("extract: %d of %d pages unchanged since %s; WikiExtractor runs on the other %d",
                          len(reused.where), len(pages.order), ", ".join(reused.used), left)
             counts = _write(_articles(source, params, pages, reused), writer, params.input)
